@@ -1,0 +1,89 @@
+"""`python train.py ...` / `vaelab-train ...`: fit, test the best checkpoint, write metrics.json."""
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from vaelab.cli import config_dir
+from vaelab.module import VAEModule
+
+log = logging.getLogger(__name__)
+
+# What TensorBoard's HParams tab lists for every run, so that runs compare side by side.
+HPARAM_KEYS = ("model._target_", "data.dataset", "data.binarize", "likelihood._target_",
+               "latent_dim", "beta", "mc_samples", "lr", "seed", "data.batch_size",
+               "trainer.max_epochs")
+
+
+def plain(cfg: DictConfig | None) -> Any:
+    """Resolved plain containers: what a checkpoint may hold (no OmegaConf objects)."""
+    return None if cfg is None else OmegaConf.to_container(cfg, resolve=True)
+
+
+def build_module(cfg: DictConfig, data_shape) -> VAEModule:
+    return VAEModule(model=plain(cfg.model), likelihood=plain(cfg.likelihood),
+                     objective=plain(cfg.objective), optimizer=plain(cfg.optimizer),
+                     scheduler=plain(cfg.scheduler), data_shape=list(data_shape),
+                     latent_dim=cfg.latent_dim)
+
+
+def hparams(cfg: DictConfig) -> dict[str, Any]:
+    values = {key: OmegaConf.select(cfg, key) for key in HPARAM_KEYS}
+    return {key: str(v) if isinstance(v, list | dict) else v for key, v in values.items()}
+
+
+def log_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, Any]) -> None:
+    """One HParams-tab row per run with its final numbers, stored under `hp/` so that the
+    training curves themselves get no extra point."""
+    final = {f"hp/{k}": v for k, v in metrics.items()
+             if k.startswith(("val/", "test/")) and isinstance(v, float)}
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(hparams(cfg), metrics=final, step=trainer.global_step)
+        else:
+            logger.log_hyperparams(hparams(cfg))
+        logger.save()
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit, test the best checkpoint, log hparams with the final metrics, write metrics.json."""
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    datamodule: L.LightningDataModule = instantiate(cfg.data)
+    module = build_module(cfg, datamodule.shape)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if cfg.get("test"):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+        metrics["best_checkpoint"] = best
+
+    metrics = {k: v for k, v in metrics.items() if not k.endswith("_step")}
+    if trainer.is_global_zero:
+        log_hparams(trainer, cfg, metrics)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        log.info("metrics written to %s", output_dir / "metrics.json")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    return metrics.get(cfg.optimized_metric)
+
+
+if __name__ == "__main__":
+    main()

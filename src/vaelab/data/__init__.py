@@ -1,0 +1,5 @@
+"""LightningDataModules."""
+
+from vaelab.data.mnist import MNISTDataModule
+
+__all__ = ["MNISTDataModule"]

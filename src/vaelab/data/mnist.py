@@ -1,0 +1,109 @@
+"""MNIST and Fashion-MNIST as LightningDataModules on torchvision's datasets.
+
+torchvision reads (and, online, downloads) the IDX files; the decoded uint8 tensors are then served
+from memory by `TensorImages`.
+"""
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+from torchvision import datasets
+
+from vaelab.data.tensor_images import TensorImages, keep_batch
+
+DATASETS = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}
+
+
+class MNISTDataModule(L.LightningDataModule):
+    """Official train set split (seeded) into train/val; the official test set for test.
+
+    Under `binarize=dynamic`, training images are redrawn every epoch while val and test use one
+    fixed seeded draw, so validation numbers stay comparable from epoch to epoch.
+    """
+
+    shape = (1, 28, 28)
+
+    def __init__(
+        self,
+        dataset: str = "mnist",
+        data_dir: str = "data",
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        val_size: int | float = 5000,
+        binarize: str = "none",
+        download: bool = True,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if dataset not in DATASETS:
+            raise ValueError(f"data.dataset={dataset!r} is unknown; choose one of {list(DATASETS)}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.dataset_class = DATASETS[dataset]
+        self.data_dir = Path(data_dir).expanduser()
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.val_size, self.binarize, self.download = val_size, binarize, download
+        self.num_workers, self.seed = num_workers, seed
+
+    def _load(self, train: bool, download: bool = False):
+        return self.dataset_class(str(self.data_dir), train=train, download=download)
+
+    def prepare_data(self):
+        """Download once (rank zero); offline, say where the files must go."""
+        for train in (True, False):
+            try:
+                self._load(train)
+                continue
+            except RuntimeError:  # torchvision: "Dataset not found. You can use download=True"
+                pass
+            raw = self.data_dir / self.dataset_class.__name__ / "raw"
+            files = ", ".join(Path(url).stem for url, _ in self.dataset_class.resources)
+            if not self.download:
+                raise FileNotFoundError(
+                    f"{self.dataset_class.__name__} not found in {raw} and data.download=false. "
+                    f"Put the IDX files there ({files}) or set data.data_dir / VAELAB_DATA_DIR.")
+            try:
+                self._load(train, download=True)
+            except Exception as err:  # noqa: BLE001 - any network failure gets the same advice
+                raise FileNotFoundError(
+                    f"{self.dataset_class.__name__} is not in {raw} and could not be downloaded "
+                    f"({type(err).__name__}: {err}). Offline, copy the IDX files ({files}) there, "
+                    f"or point data.data_dir (or the VAELAB_DATA_DIR environment variable) at a "
+                    f"folder that holds {self.dataset_class.__name__}/raw/.") from err
+
+    def setup(self, stage: str | None = None):
+        if hasattr(self, "train_set"):
+            return
+        full, test = self._load(train=True), self._load(train=False)
+        n_val = int(round(self.val_size * len(full.data))) if isinstance(self.val_size, float) \
+            else int(self.val_size)
+        if not 0 < n_val < len(full.data):
+            raise ValueError(f"data.val_size={self.val_size} leaves no train or no val images out "
+                             f"of {len(full.data)}")
+        order = torch.randperm(len(full.data), generator=torch.Generator().manual_seed(self.seed))
+        images, labels = full.data.unsqueeze(1), full.targets
+        train_idx, val_idx = order[n_val:], order[:n_val]
+        dynamic = self.binarize == "dynamic"
+        eval_binarize = "static" if dynamic else self.binarize
+        self.train_set = TensorImages(images[train_idx], labels[train_idx], self.binarize,
+                                      self.seed)
+        self.val_set = TensorImages(images[val_idx], labels[val_idx], eval_binarize, self.seed + 1)
+        self.test_set = TensorImages(test.data.unsqueeze(1), test.targets, eval_binarize,
+                                     self.seed + 2)
+
+    def _loader(self, dataset, shuffle: bool, batch_size: int) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+                          num_workers=self.num_workers, collate_fn=keep_batch,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self):
+        return self._loader(self.train_set, True, self.batch_size)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, False, self.eval_batch_size)
+
+    def test_dataloader(self):
+        return self._loader(self.test_set, False, self.eval_batch_size)

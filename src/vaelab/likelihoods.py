@@ -1,0 +1,55 @@
+"""Observation models p(x|z): turn a decoder's raw output into a distribution over one example.
+
+Every likelihood returns an `Independent` distribution whose event is the whole example, so
+`log_prob(x)` is already summed over the example's dimensions (nats per example).
+"""
+
+import math
+
+import torch
+from torch import nn
+from torch.distributions import Bernoulli, Distribution, Independent, Normal
+
+
+class Likelihood(nn.Module):
+    """Base class: one decoder output per data value (channel x pixel) parameterizes p(x|z)."""
+
+    def forward(self, out: torch.Tensor, event_ndims: int) -> Distribution:
+        raise NotImplementedError
+
+
+class BernoulliLikelihood(Likelihood):
+    """Bernoulli with logits; the usual choice for MNIST-like data in [0, 1].
+
+    Non-binarized intensities are accepted as targets (the cross-entropy of pytorch/examples),
+    hence `validate_args=False`.
+    """
+
+    def forward(self, out, event_ndims):
+        return Independent(Bernoulli(logits=out, validate_args=False), event_ndims)
+
+
+class GaussianLikelihood(Likelihood):
+    """Gaussian with a mean from the decoder and one standard deviation shared by all values.
+
+    `learn_scale=False` with `scale=sqrt(1/2)` is the MSE loss up to a constant; `learn_scale=True`
+    learns sigma by maximum likelihood (the "sigma-VAE"), which balances recon against KL.
+    """
+
+    def __init__(self, scale: float = 1.0, learn_scale: bool = True, min_scale: float = 1e-3):
+        super().__init__()
+        if scale <= 0:
+            raise ValueError(f"likelihood.scale must be > 0, got {scale}")
+        log_scale = torch.tensor(math.log(scale))
+        if learn_scale:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale)
+        self.min_scale = min_scale
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.log_scale.exp().clamp_min(self.min_scale)
+
+    def forward(self, out, event_ndims):
+        return Independent(Normal(out, self.scale.to(out.dtype).expand_as(out)), event_ndims)

@@ -1,0 +1,7 @@
+"""VAE families: `nn.Module`s only, no training logic."""
+
+from vaelab.models.conv import ConvVAE
+from vaelab.models.mlp import MLPVAE
+from vaelab.models.vae import VAE
+
+__all__ = ["VAE", "MLPVAE", "ConvVAE"]

@@ -1,0 +1,65 @@
+"""Convolutional VAE in the shape of the Keras VAE tutorial.
+
+Encoder: stride-2 3x3 convs (32, 64) -> dense (16) -> mu, log sigma^2.
+Decoder: dense to the smallest feature map -> stride-2 transposed convs (64, 32) -> one output per
+data value. Any channel count and any image size work: each transposed conv's output padding is
+chosen so the decoder retraces the encoder's sizes exactly (28 -> 14 -> 7 -> 14 -> 28).
+"""
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from vaelab.likelihoods import Likelihood
+from vaelab.models.vae import VAE, activation_class
+
+
+def downsampled_sizes(size: int, stages: int) -> list[int]:
+    """Spatial sizes after each stride-2, padding-1, 3x3 conv: ceil(size / 2) per stage."""
+    sizes = [size]
+    for _ in range(stages):
+        sizes.append((sizes[-1] + 1) // 2)
+    return sizes
+
+
+class ConvVAE(VAE):
+    def __init__(
+        self,
+        data_shape: Sequence[int],
+        latent_dim: int,
+        likelihood: Likelihood,
+        channels: Sequence[int] = (32, 64),
+        hidden_dim: int = 16,
+        activation: str = "relu",
+    ):
+        if len(data_shape) != 3:
+            raise ValueError(f"model=conv needs images shaped [C, H, W], got {list(data_shape)}")
+        if not channels:
+            raise ValueError("model.channels must list at least one conv width, e.g. [32, 64]")
+        act = activation_class(activation)
+        c_in, height, width = data_shape
+        hs, ws = downsampled_sizes(height, len(channels)), downsampled_sizes(width, len(channels))
+        widths = [c_in, *channels]
+        flat = channels[-1] * hs[-1] * ws[-1]
+
+        down: list[nn.Module] = []
+        for a, b in zip(widths[:-1], widths[1:], strict=True):
+            down += [nn.Conv2d(a, b, 3, stride=2, padding=1), act()]
+        encoder = nn.Sequential(
+            *down, nn.Flatten(), nn.Linear(flat, hidden_dim), act(),
+            nn.Linear(hidden_dim, 2 * latent_dim),
+        )
+
+        up: list[nn.Module] = []
+        rev = list(reversed(channels))  # the Keras decoder: 64 -> 64 -> 32 -> data channels
+        for i in range(len(channels)):
+            stage = len(channels) - i  # maps size index `stage` back to `stage - 1`
+            pad = (hs[stage - 1] - 2 * hs[stage] + 1, ws[stage - 1] - 2 * ws[stage] + 1)
+            up += [nn.ConvTranspose2d(rev[max(i - 1, 0)], rev[i], 3, stride=2, padding=1,
+                                      output_padding=pad), act()]
+        decoder = nn.Sequential(
+            nn.Linear(latent_dim, flat), act(),
+            nn.Unflatten(1, (channels[-1], hs[-1], ws[-1])),
+            *up, nn.Conv2d(channels[0], c_in, 3, padding=1),
+        )
+        super().__init__(encoder, decoder, likelihood, latent_dim, data_shape)

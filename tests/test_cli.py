@@ -1,0 +1,56 @@
+"""`python train.py ...` exactly as a user types it, as a subprocess on generated data."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, TINY
+
+
+def run(args, data_dir, cwd=ROOT, executable=(sys.executable, "train.py")):
+    env = {**os.environ, "VAELAB_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([*executable, *args, *TINY], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_train_conv_latent_2_as_written(data_dir, tmp_path):
+    result = run(["model=conv", "latent_dim=2", "trainer.max_epochs=1",
+                  f"hydra.run.dir={tmp_path}"], data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / ".hydra" / "config.yaml").is_file()
+    assert (tmp_path / "train.log").is_file()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["test/nelbo"] > 0 and metrics["test/kl"] >= 0
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["hyper_parameters"]["latent_dim"] == 2
+    assert ckpt["hyper_parameters"]["model"]["_target_"] == "vaelab.models.ConvVAE"
+
+
+def test_console_script_and_default_output_dir(data_dir, tmp_path):
+    """The installed `vaelab-train` from another directory: outputs land under ./outputs there."""
+    script = shutil.which("vaelab-train", path=os.path.dirname(sys.executable))
+    assert script, "vaelab-train is not installed next to this Python"
+    result = run(["data=fashion_mnist", "model=mlp", "beta=4", "debug=fdr"], data_dir,
+                 cwd=tmp_path, executable=(script,))
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "outputs" / "train" / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model=transformer", ["model", "mlp", "conv"]),
+    ("lattent_dim=3", ["lattent_dim"]),
+])
+def test_config_mistakes_fail_before_training_and_name_the_key(data_dir, tmp_path, override,
+                                                               words):
+    result = run([override, f"hydra.run.dir={tmp_path}"], data_dir)
+    assert result.returncode != 0
+    assert all(w in result.stderr for w in words), result.stderr[-2000:]
+    assert not (tmp_path / "checkpoints").exists()

@@ -1,0 +1,67 @@
+"""Both model families on MNIST-like and CIFAR-like shapes, and odd sizes the conv must retrace."""
+
+import pytest
+import torch
+
+from vaelab.likelihoods import BernoulliLikelihood, GaussianLikelihood
+from vaelab.models import MLPVAE, ConvVAE
+from vaelab.objectives import ELBO
+
+SHAPES = [(1, 28, 28), (3, 32, 32), (3, 27, 20)]
+LIKELIHOODS = [BernoulliLikelihood, GaussianLikelihood]
+
+
+def build(family, shape, likelihood, latent_dim=5):
+    if family == "mlp":
+        return MLPVAE(shape, latent_dim, likelihood(), hidden_dims=[64, 32])
+    return ConvVAE(shape, latent_dim, likelihood(), channels=[8, 16], hidden_dim=16)
+
+
+@pytest.mark.parametrize("family", ["mlp", "conv"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+def test_shapes_and_a_finite_differentiable_loss(family, shape, likelihood):
+    vae = build(family, shape, likelihood)
+    x = torch.rand(4, *shape)
+    q = vae.encode(x)
+    assert q.batch_shape == (4,) and q.event_shape == (5,)
+    p = vae.decode(q.rsample((3,)))
+    assert p.batch_shape == (3, 4) and p.event_shape == shape
+    assert vae.reconstruct(x).shape == x.shape
+    assert vae.sample(7).shape == (7, *shape)
+    out = ELBO(mc_samples=2)(vae, x)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    grads = [p.grad for p in vae.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_conv_has_the_keras_tutorial_shape():
+    vae = ConvVAE((1, 28, 28), 2, BernoulliLikelihood())
+    convs = [m for m in vae.encoder if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.stride) for c in convs] == [(32, (2, 2)), (64, (2, 2))]
+    assert vae.encoder[-1].in_features == 16 and vae.encoder[-1].out_features == 4
+    assert vae.decoder[0].out_features == 7 * 7 * 64
+    ups = [m for m in vae.decoder if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert [u.out_channels for u in ups] == [64, 32]
+
+
+def test_mlp_hidden_sizes_are_configurable():
+    vae = MLPVAE((1, 28, 28), 20, BernoulliLikelihood(), hidden_dims=[400])
+    linears = [m for m in vae.encoder.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(784, 400), (400, 40)]
+
+
+def test_bad_architecture_settings_are_named():
+    with pytest.raises(ValueError, match="activation"):
+        MLPVAE((1, 28, 28), 2, BernoulliLikelihood(), activation="swishy")
+    with pytest.raises(ValueError, match=r"\[C, H, W\]"):
+        ConvVAE((784,), 2, BernoulliLikelihood())
+
+
+def test_extreme_encoder_output_keeps_a_finite_posterior():
+    vae = MLPVAE((1, 28, 28), 3, BernoulliLikelihood(), hidden_dims=[8])
+    with torch.no_grad():
+        vae.encoder[-1][-1].bias.fill_(1e4)  # log sigma^2 = 1e4 would overflow without the clamp
+    q = vae.encode(torch.rand(2, 1, 28, 28))
+    assert torch.isfinite(q.variance).all()
