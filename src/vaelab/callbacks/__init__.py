@@ -1,0 +1,13 @@
+"""Lightning callbacks: what users look at in TensorBoard while a model trains."""
+
+from vaelab.callbacks.pictures import (
+    EmbeddingProjector,
+    Interpolations,
+    LatentManifold,
+    LatentScatter,
+    PriorSamples,
+    Reconstructions,
+)
+
+__all__ = ["Reconstructions", "PriorSamples", "LatentManifold", "LatentScatter",
+           "Interpolations", "EmbeddingProjector"]

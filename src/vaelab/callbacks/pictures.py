@@ -1,0 +1,174 @@
+"""TensorBoard pictures every N epochs, on a fixed validation batch and fixed noise so that
+epochs compare. Rank zero only; a run without a TensorBoard logger gets no pictures."""
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from vaelab import pictures
+from vaelab.models.vae import VAE
+
+
+def tensorboard(trainer: L.Trainer):
+    """The SummaryWriter of the run's TensorBoard logger, or None."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None
+
+
+class Picture(L.Callback):
+    """Base: draws after validation every `every_n_epochs` epochs (and after the last one)."""
+
+    tag = "pictures/picture"
+
+    def __init__(self, every_n_epochs: int = 1, n_images: int = 64, seed: int = 0):
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        self.every_n_epochs, self.n_images, self.seed = every_n_epochs, n_images, seed
+        self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def fixed_batch(self, trainer: L.Trainer, module: L.LightningModule):
+        """The first `n_images` validation images and labels (the val loader is not shuffled)."""
+        if self._batch is None:
+            xs, ys, n = [], [], 0
+            for x, y in trainer.val_dataloaders:
+                xs.append(x), ys.append(y)
+                n += len(x)
+                if n >= self.n_images:
+                    break
+            self._batch = torch.cat(xs)[: self.n_images], torch.cat(ys)[: self.n_images]
+        x, y = self._batch
+        return x.to(module.device), y
+
+    def due(self, trainer: L.Trainer) -> bool:
+        epoch = trainer.current_epoch + 1
+        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
+        return not trainer.sanity_checking and (epoch % self.every_n_epochs == 0 or last)
+
+    @rank_zero_only
+    def on_validation_epoch_end(self, trainer, module):
+        if self.due(trainer):
+            self.draw_now(trainer, module)
+
+    def draw_now(self, trainer, module):
+        writer = tensorboard(trainer)
+        if writer is None:
+            return
+        was_training = module.training
+        module.eval()
+        try:
+            self.draw(writer, module.vae, trainer, module)
+        finally:
+            module.train(was_training)
+
+    def draw(self, writer, vae: VAE, trainer, module) -> None:
+        raise NotImplementedError
+
+    def add(self, writer, image_or_figure, step: int) -> None:
+        if isinstance(image_or_figure, torch.Tensor):
+            writer.add_image(self.tag, image_or_figure, step)
+        else:
+            writer.add_figure(self.tag, image_or_figure, step, close=True)
+
+
+class Reconstructions(Picture):
+    """Validation inputs above their reconstructions."""
+
+    tag = "pictures/reconstructions"
+
+    def __init__(self, nrow: int = 8, **kwargs):
+        super().__init__(**kwargs)
+        self.nrow = nrow
+
+    def draw(self, writer, vae, trainer, module):
+        x, _ = self.fixed_batch(trainer, module)
+        self.add(writer, pictures.reconstruction_grid(vae, x, self.nrow), trainer.global_step)
+
+
+class PriorSamples(Picture):
+    """Decodings of the same prior draws at every epoch."""
+
+    tag = "pictures/samples"
+
+    def __init__(self, nrow: int = 8, **kwargs):
+        super().__init__(**kwargs)
+        self.nrow = nrow
+
+    def draw(self, writer, vae, trainer, module):
+        generator = torch.Generator().manual_seed(self.seed)
+        z = torch.randn(self.n_images, vae.latent_dim, generator=generator)
+        self.add(writer, pictures.sample_grid(vae, z, self.nrow), trainer.global_step)
+
+
+class LatentManifold(Picture):
+    """An n x n grid of decodings over [-scale, scale]^2, in the two latent dims (or the two most
+    active ones, with the others at 0), with the latent coordinates on the axes."""
+
+    tag = "pictures/manifold"
+
+    def __init__(self, n: int = 20, scale: float = 2.0, **kwargs):
+        super().__init__(**kwargs)
+        self.n, self.scale = n, scale
+
+    def draw(self, writer, vae, trainer, module):
+        x, _ = self.fixed_batch(trainer, module)
+        dims = pictures.manifold_dims(vae, x)
+        images = pictures.manifold_images(vae, self.n, self.scale, dims)
+        self.add(writer, pictures.manifold_figure(images, self.n, self.scale, dims),
+                 trainer.global_step)
+
+
+class LatentScatter(Picture):
+    """Posterior means of validation images coloured by label (PCA / t-SNE above 2-D)."""
+
+    tag = "pictures/latent_scatter"
+
+    def __init__(self, method: str = "pca", n_images: int = 2000, **kwargs):
+        super().__init__(n_images=n_images, **kwargs)
+        pictures.project_2d(torch.zeros(1, 1), method)  # an unknown method fails at start
+        self.method = method
+
+    def draw(self, writer, vae, trainer, module):
+        x, y = self.fixed_batch(trainer, module)
+        self.add(writer, pictures.latent_scatter(vae, x, y, self.method), trainer.global_step)
+
+
+class Interpolations(Picture):
+    """Rows between the latent means of pairs of validation images (0-1, 2-3, ...)."""
+
+    tag = "pictures/interpolations"
+
+    def __init__(self, pairs: int = 8, steps: int = 9, **kwargs):
+        super().__init__(n_images=2 * pairs, **kwargs)
+        self.steps = steps
+
+    def draw(self, writer, vae, trainer, module):
+        x, _ = self.fixed_batch(trainer, module)
+        grid = pictures.interpolation_grid(vae, x[0::2], x[1::2], self.steps)
+        self.add(writer, grid, trainer.global_step)
+
+
+class EmbeddingProjector(Picture):
+    """At the end of fit: latent means with label metadata and image sprites for TensorBoard's
+    projector."""
+
+    tag = "latent_means"
+
+    def __init__(self, n_images: int = 1000, **kwargs):
+        super().__init__(n_images=n_images, **kwargs)
+
+    def due(self, trainer):
+        return False
+
+    @rank_zero_only
+    def on_fit_end(self, trainer, module):
+        self.draw_now(trainer, module)
+
+    def draw(self, writer, vae, trainer, module):
+        x, y = self.fixed_batch(trainer, module)
+        with torch.no_grad():
+            means = vae.encode(x).mean.cpu()
+        writer.add_embedding(means, metadata=y.tolist(), label_img=pictures.as_images(x),
+                             global_step=trainer.global_step, tag=self.tag)

@@ -1,0 +1,88 @@
+"""`vaelab-generate run_dir=...`: PNG pictures from a trained run, drawn by `vaelab.pictures`."""
+
+import logging
+from pathlib import Path
+
+import hydra
+import matplotlib.pyplot as plt
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
+from torchvision.utils import save_image
+
+from vaelab import pictures, runs
+from vaelab.cli import config_dir
+
+log = logging.getLogger(__name__)
+PICTURES = ("samples", "reconstructions", "interpolation", "manifold", "latent_scatter")
+
+
+def read_image(path: str, shape) -> torch.Tensor:
+    """An image file as the model's input: same channels and size, values in [0, 1]."""
+    channels, height, width = shape
+    image = Image.open(path).convert("L" if channels == 1 else "RGB").resize((width, height))
+    return pil_to_tensor(image).float() / 255
+
+
+def generate(cfg: DictConfig) -> dict[str, Path]:
+    unknown = set(cfg.pictures) - set(PICTURES)
+    if unknown:
+        raise ValueError(f"pictures={sorted(unknown)} are unknown; choose from {list(PICTURES)}")
+    run, ckpt = runs.resolve(cfg.run_dir, cfg.ckpt_path)
+    module = runs.load_module(ckpt, cfg.device)
+    vae, device = module.vae, module.device
+    out = Path(cfg.out_dir) if cfg.out_dir else run / "generated"
+    out.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    needs_data = bool(set(cfg.pictures) - {"samples"})
+    dataset = runs.load_split(runs.run_config(run), cfg.split) if needs_data else None
+    written: dict[str, Path] = {}
+
+    def save(name: str, picture) -> None:
+        path = out / f"{name}.png"
+        if isinstance(picture, torch.Tensor):
+            save_image(picture, path)
+        else:
+            picture.savefig(path)
+            plt.close(picture)
+        written[name] = path
+        log.info("wrote %s", path)
+
+    if "samples" in cfg.pictures:
+        z = torch.randn(cfg.samples.n, vae.latent_dim, generator=generator)
+        save("samples", pictures.sample_grid(vae, z, cfg.nrow))
+    if "reconstructions" in cfg.pictures:
+        x, _ = runs.take(dataset, range(min(cfg.reconstructions.n, len(dataset))))
+        save("reconstructions", pictures.reconstruction_grid(vae, x.to(device), cfg.nrow))
+    if "interpolation" in cfg.pictures:
+        spec = cfg.interpolation
+        if spec.images:
+            a, b = (read_image(p, vae.data_shape)[None] for p in spec.images)
+        else:
+            pairs = torch.as_tensor(list(spec.indices))
+            a, b = runs.take(dataset, pairs[:, 0])[0], runs.take(dataset, pairs[:, 1])[0]
+        save("interpolation",
+             pictures.interpolation_grid(vae, a.to(device), b.to(device), spec.steps))
+    if "manifold" in cfg.pictures or "latent_scatter" in cfg.pictures:
+        n = min(cfg.latent_scatter.n, len(dataset))
+        order = torch.randperm(len(dataset), generator=generator)[:n]
+        x, y = runs.take(dataset, order)
+        x = x.to(device)
+    if "manifold" in cfg.pictures:
+        spec = cfg.manifold
+        dims = tuple(spec.dims) if spec.dims is not None else pictures.manifold_dims(vae, x)
+        images = pictures.manifold_images(vae, spec.n, spec.scale, dims)
+        save("manifold", pictures.manifold_figure(images, spec.n, spec.scale, dims))
+    if "latent_scatter" in cfg.pictures:
+        save("latent_scatter", pictures.latent_scatter(vae, x, y, cfg.latent_scatter.method))
+    return written
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="generate")
+def main(cfg: DictConfig) -> None:
+    generate(cfg)
+
+
+if __name__ == "__main__":
+    main()

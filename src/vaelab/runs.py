@@ -1,0 +1,71 @@
+"""Find and load what a training run left behind: its checkpoint, its config, its data.
+
+Every after-training tool (generate, eval) starts here, so a run is always read back the same way
+and with the run's own saved config: nothing is re-declared.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from vaelab.module import VAEModule
+
+
+def resolve(run_dir: str | None, ckpt_path: str | None) -> tuple[Path, Path]:
+    """(run dir, checkpoint): the best checkpoint named in metrics.json, else last.ckpt."""
+    if ckpt_path:
+        ckpt = Path(ckpt_path).expanduser()
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt} does not exist")
+        run = Path(run_dir).expanduser() if run_dir else ckpt.resolve().parent.parent
+        return run, ckpt
+    if not run_dir:
+        raise ValueError("give run_dir=<a train run's folder> or ckpt_path=<a .ckpt file>")
+    run = Path(run_dir).expanduser()
+    if not run.is_dir():
+        raise FileNotFoundError(f"run_dir={run} does not exist")
+    metrics = run / "metrics.json"
+    best = json.loads(metrics.read_text()).get("best_checkpoint") if metrics.is_file() else None
+    for candidate in (best, run / "checkpoints" / "last.ckpt"):
+        if candidate and Path(candidate).is_file():
+            return run, Path(candidate)
+    raise FileNotFoundError(f"no checkpoint in {run}/checkpoints: was the run trained?")
+
+
+def run_config(run: Path) -> DictConfig:
+    """The composed config the run was trained with (Hydra's .hydra/config.yaml)."""
+    path = run / ".hydra" / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: point run_dir at a folder made by train.py")
+    return OmegaConf.load(path)
+
+
+def load_module(ckpt: Path, device: str = "cpu") -> VAEModule:
+    """The trained module in eval mode, loaded with weights_only=True (no pickled code runs)."""
+    module = VAEModule.load_from_checkpoint(ckpt, map_location=device, weights_only=True)
+    return module.eval()
+
+
+def load_split(cfg: DictConfig, split: str):
+    """One split (train / val / test) of the run's own DataModule."""
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup()
+    sets = {"train": "train_set", "val": "val_set", "test": "test_set"}
+    if split not in sets:
+        raise ValueError(f"split={split!r} is unknown; choose one of {list(sets)}")
+    return getattr(datamodule, sets[split])
+
+
+def take(dataset, indices) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and labels at `indices`, stacked."""
+    indices = [int(i) for i in indices]
+    if bad := [i for i in indices if not 0 <= i < len(dataset)]:
+        raise IndexError(f"indices {bad} are outside the split's {len(dataset)} images")
+    if hasattr(dataset, "__getitems__"):
+        return dataset.__getitems__(indices)
+    xs, ys = zip(*(dataset[i] for i in indices), strict=True)
+    return torch.stack(xs), torch.as_tensor(ys)

@@ -1,0 +1,147 @@
+"""Pictures: their geometry on hand-built models, TensorBoard summaries and generated PNGs."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from tests.conftest import ROOT
+from vaelab import pictures
+from vaelab.cli.train import train
+from vaelab.likelihoods import GaussianLikelihood
+from vaelab.models.vae import VAE
+
+TAGS = ["pictures/reconstructions", "pictures/samples", "pictures/manifold",
+        "pictures/latent_scatter", "pictures/interpolations"]
+
+
+def linear_vae(latent_dim=4, data_dim=6, active=(1, 3)) -> VAE:
+    """Encoder: z_u = x_u for the `active` units, 0 for the rest (collapsed).
+    Decoder: pixel 0 = (1 + z_0) / 2, pixel 1 = (1 + z_1) / 2, other pixels 0."""
+    encoder, decoder = nn.Linear(data_dim, 2 * latent_dim), nn.Linear(latent_dim, data_dim)
+    with torch.no_grad():
+        encoder.weight.zero_(), encoder.bias.zero_(), decoder.weight.zero_(), decoder.bias.zero_()
+        for u in active:
+            encoder.weight[u, u] = 1.0
+        decoder.weight[0, 0] = decoder.weight[1, 1] = 0.5
+        decoder.bias[:2] = 0.5
+    lik = GaussianLikelihood(scale=0.1, learn_scale=False)
+    return VAE(nn.Sequential(nn.Flatten(), encoder), decoder, lik, latent_dim, (1, 1, data_dim))
+
+
+def test_manifold_walks_the_grid_with_y_up():
+    vae = linear_vae()
+    images = pictures.manifold_images(vae, n=5, scale=1.0, dims=(0, 1)).flatten(1)
+    assert images.shape == (25, 6)
+    top_left, bottom_right = images[0], images[-1]
+    assert top_left[:2].tolist() == [0.0, 1.0]     # z0 = -1 (left), z1 = +1 (top)
+    assert bottom_right[:2].tolist() == [1.0, 0.0]  # z0 = +1 (right), z1 = -1 (bottom)
+    assert images[12][:2].tolist() == [0.5, 0.5]    # the centre is z = 0
+
+
+def test_most_active_dims_skip_collapsed_units():
+    vae = linear_vae(active=(1, 3))
+    x = torch.randn(200, 1, 1, 6)
+    assert pictures.most_active_dims(vae, x) == [1, 3]
+    assert pictures.manifold_dims(vae, x) == (1, 3)
+
+
+def test_pca_keeps_the_direction_of_largest_variance():
+    t = torch.linspace(-3, 3, 100)[:, None]
+    direction = torch.tensor([[1.0, 2.0, 0.0, -1.0, 0.5]])
+    points = t * direction + 0.01 * torch.randn(100, 5) + 7
+    projected = pictures.project_2d(points)
+    assert projected.shape == (100, 2)
+    assert projected[:, 0].var() > 1000 * projected[:, 1].var()
+    assert projected.mean(0).abs().max() < 1e-4  # centred
+    with pytest.raises(ValueError, match="umap"):
+        pictures.project_2d(points, "umap")
+
+
+def test_interpolation_rows_run_from_a_to_b_through_the_midpoint():
+    vae = linear_vae(latent_dim=2, active=(0, 1))
+    a, b = torch.full((1, 1, 1, 6), -0.8), torch.full((1, 1, 1, 6), 0.6)
+    grid = pictures.interpolation_grid(vae, a, b, steps=5)  # a, 5 decodings, b
+    cells = grid[0, 2:3].reshape(-1)  # the 1-pixel-high row of the grid
+    assert grid.shape[-1] == 7 * (6 + 2) + 2
+    first = cells[2 + 8: 2 + 8 + 2]   # decoding at t = 0: z = a's mean = -0.8
+    middle = cells[2 + 3 * 8: 2 + 3 * 8 + 2]
+    torch.testing.assert_close(first, torch.tensor([0.1, 0.1]))
+    torch.testing.assert_close(middle, torch.tensor([0.45, 0.45]))  # z = -0.1
+
+
+def test_training_logs_every_picture_every_n_epochs(compose_train, tmp_path):
+    cfg = compose_train("trainer.accelerator=cpu", "trainer.max_epochs=3", "latent_dim=2",
+                        "callbacks.reconstructions.every_n_epochs=2")
+    train(cfg)
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    counts = {tag: len(events.Images(tag)) for tag in events.Tags()["images"]}
+    assert counts == {**dict.fromkeys(TAGS, 3), "pictures/reconstructions": 2}  # epochs 2 and 3
+    recon = events.Images("pictures/reconstructions")[-1]
+    assert (recon.width, recon.height) == (8 * 30 + 2, 4 * 30 + 2)  # 16 val images + 16 recons
+    samples = events.Images("pictures/samples")[0]
+    assert (samples.width, samples.height) == (242, 242)  # 64 samples, 8 per row
+    projector = (tmp_path / "tensorboard" / "projector_config.pbtxt").read_text()
+    assert "latent_means" in projector and "sprite" in projector
+    metadata = next((tmp_path / "tensorboard").glob("*/latent_means/metadata.tsv"))
+    assert len(metadata.read_text().split()) == 16  # every val image, with its label
+
+
+def test_pictures_can_be_switched_off(compose_train, tmp_path):
+    off = [f"callbacks.{name}=null" for name in ("reconstructions", "prior_samples",
+                                                  "latent_manifold", "latent_scatter",
+                                                  "interpolations", "embedding_projector")]
+    train(compose_train("trainer.accelerator=cpu", "trainer.max_epochs=1", *off))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert events.Tags()["images"] == []
+    assert not (tmp_path / "tensorboard" / "projector_config.pbtxt").exists()
+
+
+def png_size(path):
+    with Image.open(path) as image:
+        return image.size
+
+
+@pytest.mark.parametrize("latent_dim", [2, 16])
+def test_generate_writes_the_documented_pngs(compose_train, tmp_path, latent_dim):
+    cfg = compose_train("trainer.accelerator=cpu", "trainer.max_epochs=1",
+                        f"latent_dim={latent_dim}", "model=conv")
+    train(cfg)
+    # generate reads the run's own config back from .hydra/config.yaml, as a train.py run leaves.
+    (tmp_path / ".hydra").mkdir()
+    from omegaconf import OmegaConf
+    cfg_no_hydra = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    OmegaConf.save(cfg_no_hydra, tmp_path / ".hydra" / "config.yaml", resolve=True)
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    Image.fromarray(np.zeros((40, 30, 4), np.uint8)).save(a)   # RGBA, other size
+    Image.fromarray(np.full((28, 28), 255, np.uint8)).save(b)
+    result = subprocess.run(
+        [sys.executable, "generate.py", f"run_dir={tmp_path}", "latent_scatter.n=16",
+         "interpolation.indices=[[0,1],[2,3],[4,5],[6,7]]", "manifold.n=10"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "generated"
+    assert png_size(out / "samples.png") == (242, 242)          # 64 in rows of 8
+    assert png_size(out / "reconstructions.png") == (242, 242)  # 32 test images + 32 recons
+    assert png_size(out / "interpolation.png") == (11 * 30 + 2, 4 * 30 + 2)
+    assert png_size(out / "manifold.png") == (800, 800)
+    assert png_size(out / "latent_scatter.png") == (800, 700)
+    for name in ("samples", "reconstructions", "interpolation"):
+        pixels = np.asarray(Image.open(out / f"{name}.png"))
+        assert pixels.std() > 0  # not a blank picture
+
+    files = subprocess.run(
+        [sys.executable, "generate.py", f"run_dir={tmp_path}", "pictures=[interpolation]",
+         f"interpolation.images=[{a},{b}]", f"out_dir={tmp_path / 'files'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert files.returncode == 0, files.stderr[-3000:]
+    row = np.asarray(Image.open(tmp_path / "files" / "interpolation.png").convert("L"))
+    assert row.shape == (32, 11 * 30 + 2)
+    assert row[2:30, 2:30].max() == 0 and row[2:30, -30:-2].min() == 255  # a black, b white
