@@ -54,14 +54,14 @@ def data_dir(tmp_path_factory) -> Path:
 def compose_train(data_dir, tmp_path):
     """compose_train(*overrides) -> the train config as `python train.py` would see it."""
 
-    def _compose(*overrides: str):
+    def _compose(*overrides: str, output_dir: Path = tmp_path):
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
             cfg = compose("train", overrides=[f"paths.data_dir={data_dir}", *TINY, *overrides],
                           return_hydra_config=True)
         with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path)
-            cfg.paths.log_dir = str(tmp_path)
+            cfg.paths.output_dir = str(output_dir)
+            cfg.paths.log_dir = str(output_dir)
         HydraConfig().set_config(cfg)
         return cfg
 

@@ -52,4 +52,5 @@ class GaussianLikelihood(Likelihood):
         return self.log_scale.exp().clamp_min(self.min_scale)
 
     def forward(self, out, event_ndims):
-        return Independent(Normal(out, self.scale.to(out.dtype).expand_as(out)), event_ndims)
+        scale = self.scale.to(out.dtype).expand_as(out)
+        return Independent(Normal(out, scale, validate_args=False), event_ndims)

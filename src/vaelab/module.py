@@ -48,7 +48,46 @@ class VAEModule(L.LightningModule):
         return out["loss"]
 
     def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.item()}) at global step {self.global_step} "
+                f"(epoch {self.current_epoch}); training stopped before the weights changed, and "
+                f"the last good checkpoint is kept. Try a lower lr, gradient clipping "
+                f"(trainer.gradient_clip_val=1.0) or trainer.precision=32-true.")
+        return loss
+
+    def on_before_optimizer_step(self, optimizer):
+        """Stop before a non-finite gradient reaches the weights (fp16's scaler skips those
+        steps itself, so it is left to do so)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        if getattr(self.trainer.precision_plugin, "scaler", None) is None and not torch.isfinite(
+                norm):
+            raise FloatingPointError(
+                f"non-finite gradient norm ({norm.item()}) at global step {self.global_step} "
+                f"(epoch {self.current_epoch}); training stopped before the weights changed, and "
+                f"the last good checkpoint is kept. Try a lower lr or gradient clipping "
+                f"(trainer.gradient_clip_val=1.0).")
+        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    def on_save_checkpoint(self, checkpoint):
+        """The RNG states, so that a resumed run draws the same batches and latents as an
+        uninterrupted one (Lightning does not save them)."""
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(),
+                                    "cuda": torch.cuda.get_rng_state_all()}
+
+    def on_load_checkpoint(self, checkpoint):
+        self._rng_states = checkpoint.get("rng_states")
+
+    def on_train_start(self):
+        # Restored here, after Lightning's sanity check, which an uninterrupted run did not do
+        # at this point and which draws latents.
+        states, self._rng_states = getattr(self, "_rng_states", None), None
+        if states:
+            torch.set_rng_state(states["torch"])
+            if states["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states["cuda"])
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")

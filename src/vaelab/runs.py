@@ -11,6 +11,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from vaelab.checkpointing import read_checkpoint
 from vaelab.module import VAEModule
 
 
@@ -45,8 +46,10 @@ def run_config(run: Path) -> DictConfig:
 
 def load_module(ckpt: Path, device: str = "cpu") -> VAEModule:
     """The trained module in eval mode, loaded with weights_only=True (no pickled code runs)."""
-    module = VAEModule.load_from_checkpoint(ckpt, map_location=device, weights_only=True)
-    return module.eval()
+    checkpoint = read_checkpoint(ckpt)
+    module = VAEModule(**checkpoint["hyper_parameters"])
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.to(device).eval()
 
 
 def load_split(cfg: DictConfig, split: str):

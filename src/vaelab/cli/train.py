@@ -11,7 +11,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from vaelab.cli import config_dir
+from vaelab.checkpointing import check_same_architecture, read_checkpoint, remove_partial_files
+from vaelab.cli import config_dir, resume_checkpoint
 from vaelab.module import VAEModule
 
 log = logging.getLogger(__name__)
@@ -52,21 +53,43 @@ def log_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, Any]) ->
         logger.save()
 
 
+def build_loggers(cfg: DictConfig, resume_step: int | None) -> list:
+    """The configured loggers; on resume, TensorBoard hides what the killed run logged after its
+    checkpoint (`purge_step`), so the curves continue without a duplicate."""
+    loggers = []
+    for spec in (cfg.get("logger") or {}).values():
+        if not spec:
+            continue
+        make = instantiate(spec, _partial_=True)
+        tensorboard = isinstance(make.func, type) and issubclass(make.func, TensorBoardLogger)
+        loggers.append(make(purge_step=resume_step) if tensorboard and resume_step else make())
+    return loggers
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint, log hparams with the final metrics, write metrics.json."""
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     module = build_module(cfg, datamodule.shape)
+    ckpt_path = resume_checkpoint(cfg.get("resume"), cfg.get("ckpt_path"))
+    resume_step = None
+    if ckpt_path:  # refuse a wrong or unsafe checkpoint before any training
+        checkpoint = read_checkpoint(ckpt_path)
+        check_same_architecture(checkpoint, dict(module.hparams), ckpt_path)
+        resume_step = checkpoint.get("global_step")
+        remove_partial_files(Path(ckpt_path).parent)
+        log.info("resuming from %s at step %s", ckpt_path, resume_step)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    loggers = build_loggers(cfg, resume_step)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[c for c in callbacks if c],
+                                     logger=loggers or False)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
         metrics["best_checkpoint"] = best
 

@@ -47,6 +47,16 @@ class MNISTDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.val_size, self.binarize, self.download = val_size, binarize, download
         self.num_workers, self.seed = num_workers, seed
+        # Shuffling draws from its own generator, saved in checkpoints (state_dict below), so a
+        # resumed run sees the batches an uninterrupted one would; loaders never touch the global
+        # RNG, which is left to the model's sampling.
+        self.shuffle_generator = torch.Generator().manual_seed(seed)
+
+    def state_dict(self):
+        return {"shuffle_generator": self.shuffle_generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.shuffle_generator.set_state(state["shuffle_generator"])
 
     def _load(self, train: bool, download: bool = False):
         return self.dataset_class(str(self.data_dir), train=train, download=download)
@@ -95,7 +105,8 @@ class MNISTDataModule(L.LightningDataModule):
                                      self.seed + 2)
 
     def _loader(self, dataset, shuffle: bool, batch_size: int) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+        generator = self.shuffle_generator if shuffle else torch.Generator()
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
                           num_workers=self.num_workers, collate_fn=keep_batch,
                           persistent_workers=self.num_workers > 0)
 

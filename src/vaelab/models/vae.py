@@ -36,7 +36,7 @@ class VAE(nn.Module):
         """q(z|x), a diagonal Gaussian; batch shape [B], event shape [latent_dim]."""
         mu, logvar = self.encoder(x).chunk(2, dim=-1)
         std = (0.5 * logvar.clamp(*LOGVAR_RANGE)).exp()
-        return Independent(Normal(mu, std), 1)
+        return Independent(Normal(mu, std, validate_args=False), 1)
 
     def decode(self, z: torch.Tensor) -> Distribution:
         """p(x|z) for latents of shape [..., latent_dim]; batch shape [...], event = one example."""
@@ -45,7 +45,8 @@ class VAE(nn.Module):
         return self.likelihood(out, len(self.data_shape))
 
     def prior(self) -> Distribution:
-        return Independent(Normal(self.prior_loc, torch.ones_like(self.prior_loc)), 1)
+        return Independent(Normal(self.prior_loc, torch.ones_like(self.prior_loc),
+                                  validate_args=False), 1)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,0 +1,236 @@
+"""Runs that survive: resume, kills, SIGTERM, reproducibility, bad input, NaNs, unsafe files."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.conftest import ROOT, TINY
+from vaelab.checkpointing import CheckpointError, read_checkpoint
+from vaelab.cli.train import train
+
+CPU = "trainer.accelerator=cpu"
+NO_PICTURES = [f"callbacks.{k}=null" for k in ("reconstructions", "prior_samples",
+                                                "latent_manifold", "latent_scatter",
+                                                "interpolations", "embedding_projector")]
+
+
+def events(run_dir: Path) -> EventAccumulator:
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"))
+    accumulator.Reload()
+    return accumulator
+
+
+def test_resume_from_an_epoch_end_matches_the_uninterrupted_run(compose_train, tmp_path):
+    common = [CPU, "data.binarize=dynamic", "model=conv", "latent_dim=3", "mc_samples=2",
+              *NO_PICTURES]
+    full = train(compose_train(*common, "trainer.max_epochs=3", output_dir=tmp_path / "full"))
+    part = tmp_path / "part"
+    train(compose_train(*common, "trainer.max_epochs=2", output_dir=part))
+    resumed = train(compose_train(*common, "trainer.max_epochs=3", f"resume={part}",
+                                  output_dir=part))
+    for key in ("test/nelbo", "test/kl", "val/loss", "train/loss_epoch"):
+        assert resumed[key] == pytest.approx(full[key], rel=1e-6, abs=1e-6), key
+    curve = [(e.step, e.value) for e in events(part).Scalars("val/loss")]
+    reference = [(e.step, e.value) for e in events(tmp_path / "full").Scalars("val/loss")]
+    assert len(curve) == 3 and [s for s, _ in curve] == [s for s, _ in reference]
+
+
+def run_train(args, cwd=ROOT, **popen):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "train.py", *TINY, *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def wait_for(predicate, process, timeout=120.0, poll=0.002):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if process.poll() is not None:
+            return predicate()
+        time.sleep(poll)
+    return False
+
+
+def test_sigkill_while_saving_never_leaves_a_truncated_checkpoint(data_dir, tmp_path):
+    """A big model saved every step: kill the process while a checkpoint is being written."""
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    args = [f"paths.data_dir={data_dir}", CPU, f"hydra.run.dir={run}",
+            "model.hidden_dims=[1536,1536]", "callbacks.periodic_checkpoint.every_n_train_steps=1",
+            "trainer.log_every_n_steps=1", *NO_PICTURES]
+    process = run_train([*args, "trainer.max_epochs=50"])
+    try:
+        # Let one last.ckpt complete, then catch the next one mid-write.
+        assert wait_for(lambda: (ckpts / "last.ckpt").is_file(), process), process.stdout.read()
+        assert wait_for(lambda: list(ckpts.glob(".*.partial")), process)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(30)
+    assert process.returncode == -signal.SIGKILL
+    assert list(ckpts.glob(".*.partial")), "the kill should have hit a write in progress"
+    checkpoint = read_checkpoint(ckpts / "last.ckpt")  # complete and loadable
+    assert checkpoint["global_step"] >= 1
+
+    # Resume in the same run dir: the stale temporary goes, training finishes, one curve.
+    resumed = run_train([*args, "trainer.max_epochs=2", f"resume={run}"])
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    assert not list(ckpts.glob(".*.partial"))
+    assert (run / ".hydra" / "config.yaml").is_file() and list((run / ".hydra").glob("resumed-*"))
+    val = [e.step for e in events(run).Scalars("val/loss")]
+    assert len(val) == len(set(val)) == 2  # one point per epoch, no duplicate
+    steps = [e.step for e in events(run).Scalars("train/loss_step")]
+    assert len(steps) == len(set(steps))
+    assert json.loads((run / "metrics.json").read_text())["test/nelbo"] > 0
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    process = run_train([f"paths.data_dir={data_dir}", CPU, f"hydra.run.dir={tmp_path}",
+                         "trainer.max_epochs=100000", *NO_PICTURES])
+    try:
+        assert wait_for(ckpt.is_file, process, poll=0.05), process.stdout.read()
+        first = read_checkpoint(ckpt)["global_step"]
+        time.sleep(1.0)
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=120)[0]
+    finally:
+        process.kill()
+    assert process.returncode == 0, output[-3000:]
+    assert "SIGTERM" in output
+    assert read_checkpoint(ckpt)["global_step"] > first
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers(compose_train, tmp_path):
+    def metrics(seed, name):
+        cfg = compose_train(CPU, "trainer.max_epochs=1", f"seed={seed}", *NO_PICTURES,
+                            output_dir=tmp_path / name)
+        return train(cfg)
+
+    a, b, c = metrics(1, "a"), metrics(1, "b"), metrics(2, "c")
+    assert a["test/nelbo"] == b["test/nelbo"] and a["val/kl"] == b["val/kl"]
+    assert a["test/nelbo"] != c["test/nelbo"]
+
+
+@pytest.mark.parametrize("override, words", [
+    ("latent_dim=0", ["latent_dim", ">= 1"]),
+    ("beta=-1", ["beta", ">= 0"]),
+    ("mc_samples=0", ["mc_samples", ">= 1"]),
+    ("data.batch_size=0", ["data.batch_size", ">= 1"]),
+    ("data.binarize=yes", ["data.binarize", "dynamic"]),
+    ("model.activation=swish", ["model.activation", "relu"]),
+])
+def test_bad_values_fail_before_training_and_name_the_key(compose_train, tmp_path, override,
+                                                          words):
+    with pytest.raises(Exception) as err:  # noqa: B017 - Hydra wraps some in its own type
+        train(compose_train(CPU, override))
+    assert all(w in str(err.value) for w in words), str(err.value)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model=transformer", ["model/transformer", "conv", "mlp"]),
+    ("data=cifar", ["data/cifar", "mnist", "fashion_mnist"]),
+    ("trainer=tpu", ["trainer/tpu", "ddp_cpu", "gpu"]),
+])
+def test_unknown_names_list_the_options(tmp_path, data_dir, override, words):
+    process = run_train([f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path}", override])
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode != 0
+    assert all(w in output for w in words), output[-2000:]
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_missing_data_dir_fails_before_training(compose_train, tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
+        train(compose_train(CPU, f"paths.data_dir={tmp_path / 'nowhere'}", "data.download=false"))
+
+
+@pytest.fixture
+def mlp_run(compose_train, tmp_path):
+    run = tmp_path / "mlp"
+    train(compose_train(CPU, "trainer.max_epochs=1", *NO_PICTURES, output_dir=run))
+    return run
+
+
+def test_checkpoint_of_another_architecture_is_refused(compose_train, mlp_run, tmp_path):
+    cfg = compose_train(CPU, "model=conv", f"resume={mlp_run}", output_dir=tmp_path / "conv")
+    with pytest.raises(CheckpointError, match="another model") as err:
+        train(cfg)
+    assert "MLPVAE" in str(err.value) and "ConvVAE" in str(err.value)
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused(compose_train, tmp_path):
+    junk = tmp_path / "notes.ckpt"
+    junk.write_text("these are my notes, not weights")
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        train(compose_train(CPU, f"ckpt_path={junk}"))
+    plain = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(3)}, plain)
+    with pytest.raises(CheckpointError, match="not a vaelab checkpoint"):
+        train(compose_train(CPU, f"ckpt_path={plain}"))
+
+
+class RunsCode:
+    """What an attacker puts in a checkpoint: unpickling it calls os.system."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def malicious_checkpoint(run: Path, marker: Path) -> Path:
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"]["payload"] = RunsCode(marker)
+    path = run / "checkpoints" / "evil.ckpt"
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_malicious_checkpoint_is_refused_by_resume_and_generate(compose_train, mlp_run,
+                                                                tmp_path):
+    marker = tmp_path / "pwned"
+    evil = malicious_checkpoint(mlp_run, marker)
+    with pytest.raises(CheckpointError, match="refused"):
+        train(compose_train(CPU, f"ckpt_path={evil}", output_dir=tmp_path / "again"))
+    result = subprocess.run([sys.executable, "generate.py", f"ckpt_path={evil}",
+                             "pictures=[samples]"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0 and "refused" in result.stderr
+    assert not marker.exists()
+
+
+class PoisonWeights(L.Callback):
+    """Turns one weight into NaN just before training step `step`."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(module.parameters()).view(-1)[0] = float("nan")
+
+
+def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(compose_train,
+                                                                          tmp_path):
+    cfg = compose_train(CPU, "trainer.max_epochs=5", *NO_PICTURES,
+                        "+callbacks.poison._target_=tests.test_robustness.PoisonWeights",
+                        "+callbacks.poison.step=7")
+    with pytest.raises(FloatingPointError, match="global step 7"):
+        train(cfg)
+    checkpoint = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 5  # the end of epoch 1: 80 images / 16 per batch
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
