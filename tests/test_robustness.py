@@ -86,6 +86,7 @@ def test_sigkill_while_saving_never_leaves_a_truncated_checkpoint(data_dir, tmp_
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, output[-3000:]
     assert not list(ckpts.glob(".*.partial"))
+    assert not list(ckpts.glob("last-v*.ckpt"))  # the resume overwrote its own last.ckpt
     assert (run / ".hydra" / "config.yaml").is_file() and list((run / ".hydra").glob("resumed-*"))
     val = [e.step for e in events(run).Scalars("val/loss")]
     assert len(val) == len(set(val)) == 2  # one point per epoch, no duplicate

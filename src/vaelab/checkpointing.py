@@ -59,6 +59,7 @@ def periodic_checkpoint(dirpath: str, every_n_train_steps: int | None = None,
         return None
     interval = None if every_n_train_steps else timedelta(minutes=every_minutes)
     return ModelCheckpoint(dirpath=dirpath, save_top_k=0, save_last=True,
+                           enable_version_counter=False,
                            every_n_train_steps=every_n_train_steps or None,
                            train_time_interval=interval)
 
