@@ -1,5 +1,7 @@
 """Thin Hydra entry points, and the resolvers their configs use."""
 
+import os
+import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -29,6 +31,54 @@ def config_subdir(resume: str | None, ckpt_path: str | None, now: str) -> str:
     return f".hydra/resumed-{now}" if resume_checkpoint(resume, ckpt_path) else ".hydra"
 
 
+# The command line and DDP variables as launched: jobs of a multirun rewrite them for their ranks.
+LAUNCH_ARGV = tuple(sys.argv)
+DDP_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+LAUNCH_DDP_ENV = {key: os.environ.get(key) for key in DDP_VARIABLES}
+
+
+def is_sweep(value: str) -> bool:
+    """`a,b` (a comma outside brackets and quotes) or one of Hydra's sweep functions."""
+    if value.startswith(("range(", "choice(", "interval(", "glob(")):
+        return True
+    depth, quote = 0, None
+    for char in value:
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            return True
+    return False
+
+
+def short(override: str) -> str:
+    """`lr=0.00190303683817358` -> `lr=0.001903`: floats to 4 significant digits."""
+    key, _, value = override.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        return override
+    return f"{key}={number:.4g}" if "." in value or "e" in value.lower() else override
+
+
+def sweep_subdir(num: int, task_overrides, sweeper_params) -> str:
+    """A job's folder: its number and the values of the swept keys only, e.g.
+    `3_beta=4,latent_dim=8` (the command line's fixed overrides are the same for every job)."""
+    swept = set(sweeper_params or {})
+    for arg in LAUNCH_ARGV[1:]:
+        key, _, value = arg.partition("=")
+        if value and is_sweep(value):
+            swept.add(key.lstrip("+~"))
+    parts = [short(o) for o in task_overrides if o.partition("=")[0].lstrip("+~") in swept]
+    return f"{num}_" + ",".join(parts).replace("/", "_") if parts else str(num)
+
+
+OmegaConf.register_new_resolver("vaelab.sweep_subdir", sweep_subdir, replace=True)
 OmegaConf.register_new_resolver("vaelab.resume_checkpoint", resume_checkpoint, replace=True)
 OmegaConf.register_new_resolver("vaelab.run_dir", run_dir, replace=True)
 OmegaConf.register_new_resolver("vaelab.config_subdir", config_subdir, replace=True)

@@ -2,18 +2,25 @@
 
 import json
 import logging
+import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from vaelab.checkpointing import check_same_architecture, read_checkpoint, remove_partial_files
-from vaelab.cli import config_dir, resume_checkpoint
+from vaelab.cli import LAUNCH_DDP_ENV, config_dir, resume_checkpoint
 from vaelab.module import VAEModule
+from vaelab.sweeps import ERROR_FILE
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +92,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[c for c in callbacks if c],
                                      logger=loggers or False)
 
+    started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics["time/train_s"] = time.perf_counter() - started
+    metrics["torch_threads"] = torch.get_num_threads()
     if cfg.get("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
@@ -102,10 +112,43 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def prepare_multirun_job(cfg: DictConfig) -> None:
+    """Inside a multirun job: share the CPU threads among parallel joblib jobs, and make DDP
+    ranks join this one job (Lightning restarts `sys.argv`, which holds the whole sweep, in
+    `hydra.run.dir`, which is not the job's folder)."""
+    hydra_cfg = HydraConfig.get()
+    launcher = str(OmegaConf.select(hydra_cfg, "launcher._target_", default=""))
+    if "joblib" in launcher.lower():
+        jobs = hydra_cfg.launcher.n_jobs
+        jobs = os.cpu_count() if jobs in (None, -1) else jobs
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, jobs)))
+    # Lightning leaves the previous job's process group and rank variables behind, which would
+    # make this job believe its ranks were started for it: back to what the sweep was given.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for key, value in LAUNCH_DDP_ENV.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    sys.argv = [sys.argv[0], *(o for o in hydra_cfg.overrides.task
+                               if not o.startswith("hparams_search=")), "hydra.mode=RUN"]
+    with read_write(hydra_cfg), open_dict(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
-    return metrics.get(cfg.optimized_metric)
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        return train(cfg).get(cfg.optimized_metric)
+    prepare_multirun_job(cfg)
+    try:
+        return train(cfg).get(cfg.optimized_metric)
+    except Exception as err:  # noqa: BLE001 - one failed job must not stop the sweep
+        log.exception("job failed; the sweep goes on and its summary lists the error")
+        error = {"error": f"{type(err).__name__}: {err}".strip()[:2000]}
+        (Path(cfg.paths.output_dir) / ERROR_FILE).write_text(json.dumps(error, indent=2))
+        return float("nan")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,134 @@
+"""What a multirun leaves: one row per job, summary.csv / summary.md, and a rate-distortion plot.
+
+Runs as a Hydra callback at the end of every multirun and on demand (`vaelab-summarize`), and
+reads only what the jobs wrote (`.hydra/`, `metrics.json`, `error.json`), so a failed or killed
+job is a row, never a crash of the summary.
+"""
+
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import yaml  # noqa: E402
+from hydra.experimental.callback import Callback  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+log = logging.getLogger(__name__)
+METRICS = ("test/recon", "test/kl", "test/nelbo", "val/nelbo")
+ERROR_FILE = "error.json"
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """Every job folder under a multirun dir (a folder with Hydra's .hydra/overrides.yaml)."""
+    jobs = [p.parent.parent for p in Path(sweep_dir).glob("**/.hydra/overrides.yaml")]
+    return sorted(jobs, key=lambda p: (len(p.parts), p.name))
+
+
+def job_row(job: Path) -> dict[str, Any]:
+    overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
+    config = OmegaConf.load(job / ".hydra" / "config.yaml")
+    row: dict[str, Any] = {"job": job.name}
+    row.update(dict(o.split("=", 1) for o in overrides if "=" in o and not o.startswith("+")))
+    row["latent_dim"], row["beta"] = config.get("latent_dim"), config.get("beta")
+    metrics_file, error_file = job / "metrics.json", job / ERROR_FILE
+    if metrics_file.is_file():
+        metrics = json.loads(metrics_file.read_text())
+        row.update({k: metrics.get(k) for k in METRICS})
+        row.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
+        row["train_time_s"] = metrics.get("time/train_s")
+        row["status"] = "ok"
+    elif error_file.is_file():
+        row["status"] = "failed: " + json.loads(error_file.read_text())["error"]
+    else:
+        row["status"] = "incomplete (killed, or still running)"
+    return row
+
+
+def columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Job, latent_dim, beta, the overrides that differ between jobs, evaluation metrics, then
+    the test metrics, time and status."""
+    tail = [*METRICS, "train_time_s", "status"]
+    keys = dict.fromkeys(k for row in rows for k in row if k not in tail)
+    varying = [k for k in keys if k in ("job", "latent_dim", "beta") or k.startswith("eval/")
+               or len({str(row.get(k)) for row in rows}) > 1]
+    return [*varying, *tail]
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}" if math.isfinite(value) else str(value)
+    return "" if value is None else str(value)
+
+
+def write_tables(rows: list[dict[str, Any]], sweep_dir: Path, best: dict | None) -> None:
+    cols = columns(rows)
+    with open(sweep_dir / "summary.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, cols, restval="", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [f"# Sweep {sweep_dir}", "", "| " + " | ".join(cols) + " |",
+             "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(row.get(c)).replace("|", "\\|") for c in cols) + " |"
+              for row in rows]
+    if best:
+        lines += ["", "## Best trial (Optuna)", "", f"value: {fmt(best.get('best_value'))}",
+                  "", *(f"- {k}: {v}" for k, v in best.get("best_params", {}).items())]
+    lines += ["", "![rate-distortion](rate_distortion.png)", ""]
+    (sweep_dir / "summary.md").write_text("\n".join(lines))
+
+
+def rate_distortion_figure(rows: list[dict[str, Any]]):
+    """KL (rate) against reconstruction (distortion): one line per latent_dim, points by beta."""
+    done = [r for r in rows if r["status"] == "ok" and r.get("test/kl") is not None]
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=100)
+    for latent_dim in sorted({r["latent_dim"] for r in done}):
+        group = sorted((r for r in done if r["latent_dim"] == latent_dim), key=lambda r: r["beta"])
+        rate, distortion = [r["test/kl"] for r in group], [r["test/recon"] for r in group]
+        ax.plot(rate, distortion, "o-", label=f"latent_dim={latent_dim}")
+        for r in group:
+            ax.annotate(f"β={r['beta']:g}", (r["test/kl"], r["test/recon"]),
+                        textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("rate: test KL(q(z|x) || p(z)) [nats]")
+    ax.set_ylabel("distortion: test E_q[-log p(x|z)] [nats]")
+    ax.set_title("rate-distortion")
+    if done:
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def summarize(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """Write summary.csv, summary.md, rate_distortion.png and a TensorBoard figure."""
+    sweep_dir = Path(sweep_dir)
+    jobs = job_dirs(sweep_dir)
+    if not jobs:
+        raise FileNotFoundError(f"{sweep_dir} holds no job folders (no */.hydra/overrides.yaml):"
+                                f" point sweep_dir at a `python train.py -m ...` output folder")
+    rows = [job_row(job) for job in jobs]
+    results = sweep_dir / "optimization_results.yaml"
+    best = yaml.safe_load(results.read_text()) if results.is_file() else None
+    write_tables(rows, sweep_dir, best)
+    fig = rate_distortion_figure(rows)
+    fig.savefig(sweep_dir / "rate_distortion.png")
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(sweep_dir / "tensorboard")) as writer:
+        writer.add_figure("sweep/rate_distortion", fig, close=True)
+    failed = sum(not r["status"].startswith("ok") for r in rows)
+    log.info("summary of %d jobs (%d not ok) in %s", len(rows), failed, sweep_dir / "summary.md")
+    return rows
+
+
+class SummarizeSweep(Callback):
+    """Hydra callback: summarize the sweep dir when a multirun ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        summarize(config.hydra.sweep.dir)

@@ -1,0 +1,156 @@
+"""Multiruns that summarize themselves, Optuna, launchers, and DDP on the CPU."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.conftest import ROOT, TINY
+from vaelab.cli import config_dir, is_sweep, sweep_subdir
+from vaelab.sweeps import summarize
+
+
+def train_py(args, data_dir, cwd, timeout=600):
+    """`python train.py ...` from `cwd`, so that default outputs/ land in a temporary folder."""
+    env = {**os.environ, "VAELAB_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
+    flags = [a for a in args if a == "-m"]  # flags before overrides
+    overrides = [a for a in args if a != "-m"]
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, *TINY,
+                             "trainer.max_epochs=1", *overrides], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result
+
+
+def rows(sweep_dir):
+    with open(sweep_dir / "summary.csv") as file:
+        return list(csv.DictReader(file))
+
+
+def test_a_2x2_multirun_names_its_jobs_and_summarizes_itself(data_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    train_py(["-m", "latent_dim=2,4", "beta=0.5,4", f"hydra.sweep.dir={sweep}"], data_dir,
+             tmp_path)
+    jobs = sorted(p.name for p in sweep.iterdir() if (p / ".hydra").is_dir())
+    assert jobs == ["0_latent_dim=2,beta=0.5", "1_latent_dim=2,beta=4",
+                    "2_latent_dim=4,beta=0.5", "3_latent_dim=4,beta=4"]
+    for job in jobs:
+        assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
+        assert (sweep / job / "metrics.json").is_file()
+    table = rows(sweep)
+    assert len(table) == 4 and {r["status"] for r in table} == {"ok"}
+    assert {(r["latent_dim"], r["beta"]) for r in table} == {("2", "0.5"), ("2", "4"),
+                                                             ("4", "0.5"), ("4", "4")}
+    for row in table:
+        metrics = json.loads((sweep / row["job"] / "metrics.json").read_text())
+        assert float(row["test/nelbo"]) == pytest.approx(metrics["test/nelbo"])
+        assert float(row["test/kl"]) >= 0 and float(row["train_time_s"]) > 0
+    markdown = (sweep / "summary.md").read_text()
+    assert markdown.count("| ok |") == 4 and "rate_distortion.png" in markdown
+    assert (sweep / "rate_distortion.png").stat().st_size > 10_000
+    events = EventAccumulator(str(sweep / "tensorboard"))
+    events.Reload()
+    assert events.Tags()["images"] == ["sweep/rate_distortion"]
+    assert not (tmp_path / "outputs" / "train" / "runs").exists()
+
+
+def test_a_failed_job_is_a_row_not_a_crash(data_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    train_py(["-m", "latent_dim=2,0", f"hydra.sweep.dir={sweep}"], data_dir, tmp_path)
+    table = {r["latent_dim"]: r for r in rows(sweep)}
+    assert table["2"]["status"] == "ok"
+    assert table["0"]["status"] == "failed: ValueError: latent_dim must be >= 1, got 0"
+    assert "failed: ValueError" in (sweep / "summary.md").read_text()
+
+
+def test_summarize_on_demand(data_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    train_py(["-m", "beta=1,2", f"hydra.sweep.dir={sweep}"], data_dir, tmp_path)
+    for name in ("summary.csv", "summary.md", "rate_distortion.png"):
+        (sweep / name).unlink()
+    (sweep / "1_beta=2" / "metrics.json").unlink()  # as if that job had been killed
+    result = subprocess.run([sys.executable, "-m", "vaelab.cli.summarize", f"sweep_dir={sweep}"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    statuses = [r["status"] for r in rows(sweep)]
+    assert statuses == ["ok", "incomplete (killed, or still running)"]
+    assert (sweep / "rate_distortion.png").is_file()
+    with pytest.raises(FileNotFoundError, match="no job folders"):
+        summarize(tmp_path / "empty")
+
+
+def test_optuna_search_reports_its_best_trial(data_dir, tmp_path):
+    sweep = tmp_path / "optuna"
+    train_py(["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2",
+              f"hydra.sweep.dir={sweep}"], data_dir, tmp_path)
+    table = rows(sweep)
+    assert len(table) == 2 and all(r["status"] == "ok" for r in table)
+    assert {"lr", "latent_dim", "beta"} <= set(table[0])
+    best = min(float(r["val/nelbo"]) for r in table)
+    markdown = (sweep / "summary.md").read_text()
+    assert "Best trial (Optuna)" in markdown and f"value: {best:.2f}" in markdown
+
+
+def test_joblib_runs_jobs_in_parallel_and_splits_the_threads(data_dir, tmp_path):
+    sweep = tmp_path / "joblib"
+    train_py(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "beta=1,2",
+              f"hydra.sweep.dir={sweep}"], data_dir, tmp_path)
+    threads = [json.loads(p.read_text())["torch_threads"] for p in sweep.glob("*/metrics.json")]
+    assert threads == [max(1, os.cpu_count() // 2)] * 2
+
+
+def test_ddp_cpu_run_has_one_dir_and_logs_what_rank_zero_synced(data_dir, tmp_path):
+    train_py(["trainer=ddp_cpu"], data_dir, tmp_path)
+    runs = list((tmp_path / "outputs" / "train" / "runs").iterdir())
+    assert len(runs) == 1
+    run = runs[0]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "epoch000-step3.ckpt", "last.ckpt"]  # 80 images / 16 per batch / 2 ranks, rounded up
+    metrics = json.loads((run / "metrics.json").read_text())
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    for key in ("val/nelbo", "test/nelbo", "test/kl"):
+        assert events.Scalars(f"hp/{key}")[-1].value == pytest.approx(metrics[key], rel=1e-6)
+    assert events.Scalars("val/nelbo")[-1].value == pytest.approx(metrics["val/nelbo"], rel=1e-6)
+    assert (run / "train_ddp_process_1.log").is_file()  # rank 1 ran, in the same dir
+
+
+def test_ddp_inside_a_multirun(data_dir, tmp_path):
+    sweep = tmp_path / "ddp_sweep"
+    train_py(["-m", "trainer=ddp_cpu", "beta=1,4", f"hydra.sweep.dir={sweep}"], data_dir,
+             tmp_path)
+    assert [r["status"] for r in rows(sweep)] == ["ok", "ok"]
+    assert sorted(p.name for p in sweep.iterdir() if (p / ".hydra").is_dir()) == [
+        "0_beta=1", "1_beta=4"]
+    assert not (tmp_path / "outputs").exists()  # no stray run dirs from the ranks
+
+
+def test_slurm_launcher_config_follows_the_trainer():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "trainer=ddp",
+                                          "trainer.devices=4", "trainer.num_nodes=2",
+                                          "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.nodes, launcher.tasks_per_node,
+            launcher.gpus_per_node) == ("gpu", 2, 4, 4)
+    assert launcher.timeout_min == 240
+
+
+def test_job_names_keep_only_swept_keys(monkeypatch):
+    assert is_sweep("1,2") and is_sweep("range(1,3)") and not is_sweep("[1,2]")
+    assert not is_sweep("'a,b'") and not is_sweep("0.5")
+    monkeypatch.setattr("vaelab.cli.LAUNCH_ARGV", ("train.py", "-m", "beta=1,4", "seed=3",
+                                                   "model.hidden_dims=[4,2]"))
+    assert sweep_subdir(1, ["beta=4", "seed=3", "model.hidden_dims=[4,2]"], None) == "1_beta=4"
+    assert sweep_subdir(0, ["lr=0.00190303683817358", "seed=3"], {"lr": "x"}) == "0_lr=0.001903"
+    assert sweep_subdir(2, ["seed=3"], None) == "2"
