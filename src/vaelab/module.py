@@ -41,7 +41,7 @@ class VAEModule(L.LightningModule):
 
     def _step(self, batch, stage: str) -> torch.Tensor:
         x = batch[0]
-        out = self.objective(self.vae, x)
+        out = self.objective(self.vae, x, step=self.global_step)
         kw = dict(on_step=stage == "train", on_epoch=True, batch_size=len(x), sync_dist=True)
         self.log(f"{stage}/loss", out["loss"].detach(), prog_bar=True, **kw)
         self.log_dict({f"{stage}/{k}": v.detach() for k, v in out.items() if k != "loss"}, **kw)

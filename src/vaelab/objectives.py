@@ -1,9 +1,13 @@
 """Training objectives. Each returns per-example means (nats per example) over the batch.
 
 Keys: `loss` (what is minimized), `recon` (E_q[-log p(x|z)]), `kl` (KL(q(z|x) || p(z)), never
-weighted by beta), `elbo` (the beta=1 bound, <= log p(x)) and `nelbo` (= -elbo, the number papers
-report as "negative ELBO").
+weighted by beta nor clamped by free bits), `elbo` (the beta=1 bound, <= log p(x)), `nelbo`
+(= -elbo, the number papers report as "negative ELBO") and `beta` (the weight in use at this
+step). Schedules are functions of the optimizer step that Lightning checkpoints, so a resumed run
+continues them where it stopped.
 """
+
+import math
 
 import torch
 from torch.distributions import kl_divergence
@@ -12,24 +16,71 @@ from vaelab.models.vae import VAE
 
 
 class ELBO:
-    """Negative beta-ELBO: E_q[-log p(x|z)] + beta * KL(q(z|x) || N(0, I)).
+    """Negative beta-ELBO: E_q[-log p(x|z)] + beta_t * KL(q(z|x) || N(0, I)).
 
     The expectation is a Monte-Carlo mean over `mc_samples` reparameterized draws per input; the
-    KL between two diagonal Gaussians is exact.
+    KL between two diagonal Gaussians is exact. beta_t rises linearly from 0 to `beta` over
+    `warmup_steps` optimizer steps (0: no warm-up). With `free_bits` = lambda > 0, each latent
+    dimension's batch-mean KL counts as at least lambda nats in the loss (Kingma et al., 2016).
     """
 
-    def __init__(self, beta: float = 1.0, mc_samples: int = 1):
+    def __init__(self, beta: float = 1.0, mc_samples: int = 1, warmup_steps: int = 0,
+                 free_bits: float = 0.0):
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
         if mc_samples < 1:
             raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
+        if warmup_steps < 0 or free_bits < 0:
+            raise ValueError(f"objective.warmup_steps and objective.free_bits must be >= 0, got "
+                             f"{warmup_steps} and {free_bits}")
         self.beta, self.mc_samples = float(beta), int(mc_samples)
+        self.warmup_steps, self.free_bits = int(warmup_steps), float(free_bits)
 
-    def __call__(self, vae: VAE, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def beta_at(self, step: int) -> float:
+        if self.warmup_steps == 0:
+            return self.beta
+        return self.beta * min(1.0, step / self.warmup_steps)
+
+    def kl_term(self, kl_per_dim: torch.Tensor) -> torch.Tensor:
+        """The KL as the loss sees it: [B, latent_dim] -> scalar, free bits applied."""
+        if self.free_bits == 0:
+            return kl_per_dim.sum(-1).mean()
+        return kl_per_dim.mean(0).clamp_min(self.free_bits).sum()
+
+    def terms(self, vae: VAE, x: torch.Tensor):
+        """q, the log-likelihoods [K, B] of K reparameterized draws, and KL per dim [B, D]."""
         q = vae.encode(x)
         z = q.rsample((self.mc_samples,))  # [K, B, latent_dim]
-        recon = -vae.decode(z).log_prob(x).mean()  # mean over K samples and B examples
-        kl = kl_divergence(q, vae.prior()).mean()
+        log_px_z = vae.decode(z).log_prob(x)  # [K, B]
+        kl_per_dim = kl_divergence(q.base_dist, vae.prior().base_dist)  # [B, latent_dim]
+        return q, z, log_px_z, kl_per_dim
+
+    def __call__(self, vae: VAE, x: torch.Tensor, step: int = 0) -> dict[str, torch.Tensor]:
+        _, _, log_px_z, kl_per_dim = self.terms(vae, x)
+        recon = -log_px_z.mean()
+        kl = kl_per_dim.sum(-1).mean()
+        beta = self.beta_at(step)
         elbo = -(recon + kl)
-        return {"loss": recon + self.beta * kl, "recon": recon, "kl": kl, "elbo": elbo,
-                "nelbo": -elbo}
+        return {"loss": recon + beta * self.kl_term(kl_per_dim), "recon": recon, "kl": kl,
+                "elbo": elbo, "nelbo": -elbo, "beta": torch.tensor(beta)}
+
+
+def log_importance_weights(vae: VAE, x: torch.Tensor, q, z, log_px_z) -> torch.Tensor:
+    """log p(x|z_k) + log p(z_k) - log q(z_k|x) for draws z [K, B, D]: [K, B]."""
+    return log_px_z + vae.prior().log_prob(z) - q.log_prob(z)
+
+
+class IWAE(ELBO):
+    """The importance-weighted bound (Burda et al., 2016) with K = `mc_samples` draws:
+    log p(x) >= E[log (1/K) sum_k w_k] >= ELBO. `loss` is its negative; recon, KL and the ELBO
+    are still logged from the same draws. (beta, warm-up and free bits have no meaning here.)"""
+
+    def __call__(self, vae: VAE, x: torch.Tensor, step: int = 0) -> dict[str, torch.Tensor]:
+        q, z, log_px_z, kl_per_dim = self.terms(vae, x)
+        log_w = log_importance_weights(vae, x, q, z, log_px_z)
+        iwae = (torch.logsumexp(log_w, 0) - math.log(self.mc_samples)).mean()
+        recon = -log_px_z.mean()
+        kl = kl_per_dim.sum(-1).mean()
+        elbo = -(recon + kl)
+        return {"loss": -iwae, "recon": recon, "kl": kl, "elbo": elbo, "nelbo": -elbo,
+                "iwae": iwae}

@@ -36,6 +36,10 @@ def resolve(run_dir: str | None, ckpt_path: str | None) -> tuple[Path, Path]:
     raise FileNotFoundError(f"no checkpoint in {run}/checkpoints: was the run trained?")
 
 
+def read_checkpoint_step(ckpt: Path) -> int:
+    return int(read_checkpoint(ckpt).get("global_step", 0))
+
+
 def run_config(run: Path) -> DictConfig:
     """The composed config the run was trained with (Hydra's .hydra/config.yaml)."""
     path = run / ".hydra" / "config.yaml"
@@ -72,3 +76,10 @@ def take(dataset, indices) -> tuple[torch.Tensor, torch.Tensor]:
         return dataset.__getitems__(indices)
     xs, ys = zip(*(dataset[i] for i in indices), strict=True)
     return torch.stack(xs), torch.as_tensor(ys)
+
+
+def batches(dataset, batch_size: int, limit: int | None = None):
+    """The dataset in order, `batch_size` examples at a time (the first `limit` only)."""
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    for start in range(0, n, batch_size):
+        yield take(dataset, range(start, min(start + batch_size, n)))

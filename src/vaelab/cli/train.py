@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from vaelab import evaluation, runs
 from vaelab.checkpointing import check_same_architecture, read_checkpoint, remove_partial_files
 from vaelab.cli import LAUNCH_DDP_ENV, config_dir, resume_checkpoint
 from vaelab.module import VAEModule
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 # What TensorBoard's HParams tab lists for every run, so that runs compare side by side.
 HPARAM_KEYS = ("model._target_", "data.dataset", "data.binarize", "likelihood._target_",
+               "objective._target_",
                "latent_dim", "beta", "mc_samples", "lr", "seed", "data.batch_size",
                "trainer.max_epochs")
 
@@ -51,7 +53,8 @@ def log_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, Any]) ->
     """One HParams-tab row per run with its final numbers, stored under `hp/` so that the
     training curves themselves get no extra point."""
     final = {f"hp/{k}": v for k, v in metrics.items()
-             if k.startswith(("val/", "test/")) and isinstance(v, float)}
+             if k.startswith(("val/", "test/", "eval/")) and isinstance(v, float | int)
+             and "kl_dim_" not in k}
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.log_hyperparams(hparams(cfg), metrics=final, step=trainer.global_step)
@@ -71,6 +74,16 @@ def build_loggers(cfg: DictConfig, resume_step: int | None) -> list:
         tensorboard = isinstance(make.func, type) and issubclass(make.func, TensorBoardLogger)
         loggers.append(make(purge_step=resume_step) if tensorboard and resume_step else make())
     return loggers
+
+
+def evaluate_test_set(module: VAEModule, datamodule, spec: DictConfig) -> dict[str, float]:
+    """The importance-sampled evaluation of `vaelab-eval`, on the tested (best) weights."""
+    module.eval()
+    scores = evaluation.score(module.vae, runs.batches(datamodule.test_set, spec.batch_size),
+                              spec.nll_samples, spec.chunk)
+    results = evaluation.summary(scores, module.vae, spec.nll_samples)
+    log.info("test NLL (K=%d): %.3f nats", spec.nll_samples, results["eval/nll"])
+    return results
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -104,6 +117,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics["best_checkpoint"] = best
 
     metrics = {k: v for k, v in metrics.items() if not k.endswith("_step")}
+    if trainer.is_global_zero and cfg.get("test") and cfg.eval.nll_samples:
+        metrics.update(evaluate_test_set(module, datamodule, cfg.eval))
     if trainer.is_global_zero:
         log_hparams(trainer, cfg, metrics)
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,100 @@
+"""Numbers comparable with papers: importance-sampled log-likelihood, bits per dimension, active
+units, KL per latent dimension, and anomaly scores. All per example, in nats."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.distributions import kl_divergence
+
+from vaelab.likelihoods import BernoulliLikelihood
+from vaelab.models.vae import VAE
+from vaelab.objectives import log_importance_weights
+
+ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): Cov_x(E_q[z_u]) > 0.01
+
+
+@torch.no_grad()
+def importance_sampled(vae: VAE, x: torch.Tensor, samples: int, chunk: int = 500):
+    """Per-example (log p(x) estimate, ELBO estimate, E_q[log p(x|z)]) from K = `samples` draws:
+    log p(x) ~ logsumexp_k log w_k - log K, ELBO ~ mean_k log w_k. Draws are taken `chunk` at a
+    time and folded into a running logsumexp, so memory stays at chunk x batch whatever K is."""
+    q = vae.encode(x)
+    running = torch.full((len(x),), -math.inf, device=x.device)
+    sum_log_w = torch.zeros(len(x), device=x.device)
+    sum_log_px_z = torch.zeros(len(x), device=x.device)
+    for start in range(0, samples, chunk):
+        z = q.sample((min(chunk, samples - start),))
+        log_px_z = vae.decode(z).log_prob(x)
+        log_w = log_importance_weights(vae, x, q, z, log_px_z)
+        running = torch.logaddexp(running, torch.logsumexp(log_w, 0))
+        sum_log_w += log_w.sum(0)
+        sum_log_px_z += log_px_z.sum(0)
+    return running - math.log(samples), sum_log_w / samples, sum_log_px_z / samples
+
+
+@dataclass
+class Scores:
+    """Per-example numbers over a dataset, in nats (and the posterior means for unit activity)."""
+
+    nll: torch.Tensor
+    nelbo: torch.Tensor
+    recon: torch.Tensor
+    kl_per_dim: torch.Tensor
+    means: torch.Tensor
+    labels: torch.Tensor
+
+
+@torch.no_grad()
+def score(vae: VAE, batches, samples: int, chunk: int = 500) -> Scores:
+    """Per-example NLL (importance-sampled), negative ELBO, recon, KL per dim, posterior means."""
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in Scores.__dataclass_fields__}
+    device = vae.prior_loc.device
+    for x, y in batches:
+        x = x.to(device)
+        log_px, elbo, log_px_z = importance_sampled(vae, x, samples, chunk)
+        q = vae.encode(x)
+        for key, value in (("nll", -log_px), ("nelbo", -elbo), ("recon", -log_px_z),
+                           ("kl_per_dim", kl_divergence(q.base_dist, vae.prior().base_dist)),
+                           ("means", q.mean), ("labels", y)):
+            parts[key].append(value.cpu())
+    return Scores(**{k: torch.cat(v) for k, v in parts.items()})
+
+
+def active_units(means: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
+    """How many latent units vary with x: Cov_x(E_q[z_u]) > threshold."""
+    return int((means.var(0) > threshold).sum())
+
+
+def bits_per_dim(nll: torch.Tensor, vae: VAE) -> float:
+    """NLL per data value in bits. Continuous likelihoods model [0, 1]-scaled 8-bit data, so the
+    density is turned into a probability of each value's 1/256 bin (+ log 256 per value)."""
+    dims = math.prod(vae.data_shape)
+    discrete = isinstance(vae.likelihood, BernoulliLikelihood)
+    nats = nll.mean().item() + (0 if discrete else dims * math.log(256))
+    return nats / (dims * math.log(2))
+
+
+def summary(scores: Scores, vae: VAE, samples: int) -> dict[str, float]:
+    """The eval.json numbers."""
+    kl_per_dim = scores.kl_per_dim.mean(0)
+    out = {
+        "eval/nll": scores.nll.mean().item(),
+        "eval/nelbo": scores.nelbo.mean().item(),
+        "eval/recon": scores.recon.mean().item(),
+        "eval/kl": kl_per_dim.sum().item(),
+        "eval/bits_per_dim": bits_per_dim(scores.nll, vae),
+        "eval/active_units": active_units(scores.means),
+        "eval/nll_samples": samples,
+        "eval/examples": len(scores.nll),
+    }
+    out.update({f"eval/kl_dim_{u}": v for u, v in enumerate(kl_per_dim.tolist())})
+    return out
+
+
+def auroc(in_scores: torch.Tensor, out_scores: torch.Tensor) -> float:
+    """Area under the ROC curve for telling out-of-distribution examples (higher score) apart."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = torch.cat([torch.zeros(len(in_scores)), torch.ones(len(out_scores))])
+    return float(roc_auc_score(labels.numpy(), torch.cat([in_scores, out_scores]).numpy()))

@@ -1,0 +1,115 @@
+"""Evaluation against closed forms, the IWAE bound and schedules, and the eval command."""
+
+import csv
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.conftest import N_TEST, ROOT
+from tests.test_objectives import LinearGaussian
+from tests.test_pictures import linear_vae
+from vaelab import evaluation
+from vaelab.cli.train import train
+from vaelab.objectives import ELBO, IWAE
+
+
+def test_importance_sampled_nll_converges_to_the_exact_log_likelihood():
+    model = LinearGaussian()
+    vae = model.vae(mean_shift=0.6, logvar_shift=0.8)  # a poor q: the ELBO is loose
+    x = model.sample_x(32)
+    exact = model.log_px(x)
+    torch.manual_seed(0)
+    errors, elbos = {}, {}
+    for k in (1, 10, 100, 5000):
+        log_px, elbo, _ = evaluation.importance_sampled(vae, x, samples=k, chunk=64)
+        errors[k] = (log_px - exact).abs().mean().item()
+        elbos[k] = elbo
+    assert errors[5000] < 0.06 and errors[1] > 3  # 0.036 and 5.2 nats with this seed
+    assert errors[5000] < errors[100] < errors[10] < errors[1]
+    # the ELBO estimate does not converge to log p(x): its gap is KL(q || posterior) ~ 4 nats
+    assert (exact - elbos[5000]).mean() > 3
+
+
+def test_elbo_below_iwae_below_log_likelihood():
+    model = LinearGaussian()
+    vae, x = model.vae(mean_shift=0.4, logvar_shift=-0.5), model.sample_x(64)
+    exact = model.log_px(x).mean().item()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        bounds = {k: torch.stack([IWAE(mc_samples=k)(vae, x)["iwae"] for _ in range(200)]).mean()
+                  for k in (1, 5, 50)}
+        elbo = torch.stack([ELBO(mc_samples=1)(vae, x)["elbo"] for _ in range(200)]).mean()
+    assert bounds[1] == pytest.approx(elbo.item(), abs=0.05)  # IWAE_1 is the ELBO
+    assert elbo < bounds[5] < bounds[50] < exact
+
+
+def test_active_units_count_only_units_that_vary_with_x():
+    vae = linear_vae(latent_dim=4, active=(1, 3))
+    batches = [(torch.randn(50, 1, 1, 6), torch.zeros(50)) for _ in range(2)]
+    scores = evaluation.score(vae, batches, samples=4)
+    assert evaluation.active_units(scores.means) == 2
+    kl = scores.kl_per_dim.mean(0)
+    assert kl[0] < 1e-6 and kl[2] < 1e-6 and kl[1] > 0.1 and kl[3] > 0.1
+
+
+def test_bits_per_dim():
+    model = linear_vae()
+    nll = torch.full((5,), 6 * math.log(2))  # 1 bit per value in nats
+    assert evaluation.bits_per_dim(nll, model) == pytest.approx(1 + 8)  # + log2(256) per value
+
+
+def test_kl_warmup_follows_the_step_and_free_bits_floor_each_dimension():
+    objective = ELBO(beta=2.0, warmup_steps=100)
+    assert [objective.beta_at(s) for s in (0, 50, 100, 1000)] == [0.0, 1.0, 2.0, 2.0]
+    model = LinearGaussian()
+    vae, x = model.vae(), model.sample_x(8)
+    torch.manual_seed(0)
+    out = ELBO(beta=2.0, warmup_steps=100)(vae, x, step=50)
+    assert out["beta"] == 1.0
+    assert out["loss"].item() == pytest.approx((out["recon"] + out["kl"]).item(), rel=1e-5)
+    free = ELBO(free_bits=5.0)
+    kl_per_dim = torch.tensor([[0.1, 7.0], [0.3, 9.0]])
+    assert free.kl_term(kl_per_dim).item() == pytest.approx(5.0 + 8.0)  # max(5, 0.2) + 8
+
+
+def test_training_with_iwae_warmup_and_eval_at_the_end(compose_train, tmp_path):
+    metrics = train(compose_train("trainer.accelerator=cpu", "trainer.max_epochs=1",
+                                  "objective=iwae", "mc_samples=3", "eval.nll_samples=20"))
+    assert metrics["eval/nll"] <= metrics["eval/nelbo"]
+    assert metrics["eval/examples"] == N_TEST and metrics["eval/nll_samples"] == 20
+    assert math.isfinite(metrics["test/iwae"]) and metrics["test/iwae"] >= metrics["test/elbo"]
+    warm = train(compose_train("trainer.accelerator=cpu", "trainer.max_epochs=1",
+                               "objective.warmup_steps=10", output_dir=tmp_path / "warm"))
+    assert warm["train/beta_epoch"] == pytest.approx(0.2)  # mean of steps 0..4 / 10
+
+
+def test_eval_command_writes_json_csv_tensorboard_and_auroc(compose_train, tmp_path):
+    cfg = compose_train("trainer.accelerator=cpu", "trainer.max_epochs=2")
+    train(cfg)
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
+                   tmp_path / ".hydra" / "config.yaml", resolve=True)
+    result = subprocess.run([sys.executable, "eval.py", f"run_dir={tmp_path}", "nll_samples=50",
+                             "chunk=16", "ood.dataset=fashion_mnist"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert results["eval/nll"] <= results["eval/nelbo"]
+    assert results["eval/nll"] == pytest.approx(results["eval/bits_per_dim"] * 784 * math.log(2))
+    assert 0 <= results["eval/active_units"] <= 16
+    assert sum(results[f"eval/kl_dim_{u}"] for u in range(16)) == pytest.approx(
+        results["eval/kl"], rel=1e-4)
+    assert 0.0 <= results["eval/auroc_nll"] <= 1.0
+    with open(tmp_path / "scores.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 2 * N_TEST and {r["set"] for r in rows} == {"test", "ood"}
+    assert all(float(r["nll"]) <= float(r["nelbo"]) + 1e-3 for r in rows)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert events.Scalars("eval/nll")[-1].value == pytest.approx(results["eval/nll"])
