@@ -50,14 +50,29 @@ def data_dir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory) -> Path:
+    """Twelve small RGB PNGs in two class folders."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("pngs")
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        (root / f"c{i % 2}").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3)).astype(np.uint8)).save(
+            root / f"c{i % 2}" / f"{i}.png")
+    return root
+
+
 @pytest.fixture
 def compose_train(data_dir, tmp_path):
     """compose_train(*overrides) -> the train config as `python train.py` would see it."""
 
-    def _compose(*overrides: str, output_dir: Path = tmp_path):
+    def _compose(*overrides: str, output_dir: Path = tmp_path, tiny: bool = True):
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            cfg = compose("train", overrides=[f"paths.data_dir={data_dir}", *TINY, *overrides],
+            extra = TINY if tiny else []
+            cfg = compose("train", overrides=[f"paths.data_dir={data_dir}", *extra, *overrides],
                           return_hydra_config=True)
         with open_dict(cfg):
             cfg.paths.output_dir = str(output_dir)

@@ -19,8 +19,11 @@ def test_every_group_has_options():
 
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_option_composes_and_builds(compose_train, group, option):
-    cfg = compose_train(f"{group}={option}")
+def test_option_composes_and_builds(compose_train, image_dir, group, option):
+    if option in ("image_folder", "seed002_products"):
+        cfg = compose_train(f"{group}={option}", f"data.path={image_dir}", tiny=False)
+    else:
+        cfg = compose_train(f"{group}={option}")
     assert cfg.get(group) is not None or group in ("debug", "experiment")
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, datamodule.shape)

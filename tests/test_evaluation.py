@@ -61,7 +61,8 @@ def test_active_units_count_only_units_that_vary_with_x():
 def test_bits_per_dim():
     model = linear_vae()
     nll = torch.full((5,), 6 * math.log(2))  # 1 bit per value in nats
-    assert evaluation.bits_per_dim(nll, model) == pytest.approx(1 + 8)  # + log2(256) per value
+    bits = evaluation.bits_per_dim(nll, model).item()
+    assert bits == pytest.approx(1 + 8)  # + log2(256) per value
 
 
 def test_kl_warmup_follows_the_step_and_free_bits_floor_each_dimension():
@@ -113,3 +114,19 @@ def test_eval_command_writes_json_csv_tensorboard_and_auroc(compose_train, tmp_p
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert events.Scalars("eval/nll")[-1].value == pytest.approx(results["eval/nll"])
+
+
+def test_iwae_paper_schedule():
+    from vaelab.schedules import iwae_paper
+
+    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    schedule = iwae_paper(optimizer)
+    lrs = []
+    for _ in range(3281):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[0] == pytest.approx(1e-3) and lrs[1] == pytest.approx(1e-3 * 10 ** (-1 / 7))
+    assert lrs[3] == pytest.approx(1e-3 * 10 ** (-1 / 7)) and lrs[4] == pytest.approx(
+        1e-3 * 10 ** (-2 / 7))
+    assert lrs[3279] == pytest.approx(1e-3 * 10 ** (-1)) and lrs[3280] == lrs[3279]

@@ -66,12 +66,12 @@ def active_units(means: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) 
     return int((means.var(0) > threshold).sum())
 
 
-def bits_per_dim(nll: torch.Tensor, vae: VAE) -> float:
-    """NLL per data value in bits. Continuous likelihoods model [0, 1]-scaled 8-bit data, so the
-    density is turned into a probability of each value's 1/256 bin (+ log 256 per value)."""
+def bits_per_dim(nll: torch.Tensor, vae: VAE) -> torch.Tensor:
+    """Mean NLL per data value in bits. Continuous likelihoods model [0, 1]-scaled 8-bit data, so
+    the density becomes a probability of each value's 1/256 bin (+ log 256 nats per value)."""
     dims = math.prod(vae.data_shape)
     discrete = isinstance(vae.likelihood, BernoulliLikelihood)
-    nats = nll.mean().item() + (0 if discrete else dims * math.log(256))
+    nats = nll.mean() + (0 if discrete else dims * math.log(256))
     return nats / (dims * math.log(2))
 
 
@@ -83,7 +83,7 @@ def summary(scores: Scores, vae: VAE, samples: int) -> dict[str, float]:
         "eval/nelbo": scores.nelbo.mean().item(),
         "eval/recon": scores.recon.mean().item(),
         "eval/kl": kl_per_dim.sum().item(),
-        "eval/bits_per_dim": bits_per_dim(scores.nll, vae),
+        "eval/bits_per_dim": bits_per_dim(scores.nll, vae).item(),
         "eval/active_units": active_units(scores.means),
         "eval/nll_samples": samples,
         "eval/examples": len(scores.nll),

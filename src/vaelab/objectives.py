@@ -62,7 +62,7 @@ class ELBO:
         beta = self.beta_at(step)
         elbo = -(recon + kl)
         return {"loss": recon + beta * self.kl_term(kl_per_dim), "recon": recon, "kl": kl,
-                "elbo": elbo, "nelbo": -elbo, "beta": torch.tensor(beta)}
+                "elbo": elbo, "nelbo": -elbo, "beta": recon.new_tensor(beta)}
 
 
 def log_importance_weights(vae: VAE, x: torch.Tensor, q, z, log_px_z) -> torch.Tensor:

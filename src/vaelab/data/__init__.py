@@ -1,5 +1,6 @@
 """LightningDataModules."""
 
+from vaelab.data.image_folder import ImageFolderDataModule
 from vaelab.data.mnist import MNISTDataModule
 
-__all__ = ["MNISTDataModule"]
+__all__ = ["MNISTDataModule", "ImageFolderDataModule"]

@@ -6,21 +6,21 @@ from memory by `TensorImages`.
 
 from pathlib import Path
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader
 from torchvision import datasets
 
-from vaelab.data.tensor_images import TensorImages, keep_batch
+from vaelab.data.tensor_images import TensorDataModule, TensorImages
 
 DATASETS = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}
 
 
-class MNISTDataModule(L.LightningDataModule):
+class MNISTDataModule(TensorDataModule):
     """Official train set split (seeded) into train/val; the official test set for test.
 
-    Under `binarize=dynamic`, training images are redrawn every epoch while val and test use one
-    fixed seeded draw, so validation numbers stay comparable from epoch to epoch.
+    Training on a GPU, the splits live on it (`on_device`), so a batch is one slice there and
+    nothing crosses the bus. Under `binarize=dynamic`, training images are redrawn every epoch
+    while val and test use one fixed seeded draw, so validation numbers stay comparable from
+    epoch to epoch.
     """
 
     shape = (1, 28, 28)
@@ -36,27 +36,14 @@ class MNISTDataModule(L.LightningDataModule):
         download: bool = True,
         num_workers: int = 0,
         seed: int = 0,
+        on_device: bool = True,
     ):
-        super().__init__()
+        super().__init__(batch_size, eval_batch_size, num_workers, seed, on_device)
         if dataset not in DATASETS:
             raise ValueError(f"data.dataset={dataset!r} is unknown; choose one of {list(DATASETS)}")
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         self.dataset_class = DATASETS[dataset]
         self.data_dir = Path(data_dir).expanduser()
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.val_size, self.binarize, self.download = val_size, binarize, download
-        self.num_workers, self.seed = num_workers, seed
-        # Shuffling draws from its own generator, saved in checkpoints (state_dict below), so a
-        # resumed run sees the batches an uninterrupted one would; loaders never touch the global
-        # RNG, which is left to the model's sampling.
-        self.shuffle_generator = torch.Generator().manual_seed(seed)
-
-    def state_dict(self):
-        return {"shuffle_generator": self.shuffle_generator.get_state()}
-
-    def load_state_dict(self, state):
-        self.shuffle_generator.set_state(state["shuffle_generator"])
 
     def _load(self, train: bool, download: bool = False):
         return self.dataset_class(str(self.data_dir), train=train, download=download)
@@ -103,18 +90,4 @@ class MNISTDataModule(L.LightningDataModule):
         self.val_set = TensorImages(images[val_idx], labels[val_idx], eval_binarize, self.seed + 1)
         self.test_set = TensorImages(test.data.unsqueeze(1), test.targets, eval_binarize,
                                      self.seed + 2)
-
-    def _loader(self, dataset, shuffle: bool, batch_size: int) -> DataLoader:
-        generator = self.shuffle_generator if shuffle else torch.Generator()
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                          num_workers=self.num_workers, collate_fn=keep_batch,
-                          persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self):
-        return self._loader(self.train_set, True, self.batch_size)
-
-    def val_dataloader(self):
-        return self._loader(self.val_set, False, self.eval_batch_size)
-
-    def test_dataloader(self):
-        return self._loader(self.test_set, False, self.eval_batch_size)
+        self.place(self.train_set, self.val_set, self.test_set)  # 55 MB: fits on any GPU

@@ -4,8 +4,9 @@ The DataLoader hands `__getitems__` a whole batch of indices, so one batch is on
 conversion: no per-image PIL, ToTensor or collate.
 """
 
+import lightning as L
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 BINARIZE = ("none", "static", "dynamic")
 
@@ -19,23 +20,33 @@ class TensorImages(Dataset):
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, binarize: str = "none",
-                 seed: int = 0):
+                 seed: int = 0, rows: torch.Tensor | None = None):
         if binarize not in BINARIZE:
             raise ValueError(f"data.binarize={binarize!r} is unknown; choose one of {BINARIZE}")
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"expected uint8 images [N, C, H, W], got {images.dtype} "
                              f"{list(images.shape)}")
         self.images, self.labels, self.binarize = images, labels, binarize
+        # `rows`: this split's rows of a larger (memory-mapped) tensor, read only when served.
+        self.rows = rows
         if binarize == "static":
             generator = torch.Generator().manual_seed(seed)
             self.images = torch.bernoulli(images.float() / 255, generator=generator).to(torch.uint8)
             self.images.mul_(255)
 
+    def to(self, device) -> "TensorImages":
+        """Keep the whole split on `device` (a GPU): batches are then sliced there."""
+        self.images, self.labels = self.images.to(device), self.labels.to(device)
+        self.rows = None if self.rows is None else self.rows.to(device)
+        return self
+
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.images) if self.rows is None else len(self.rows)
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.as_tensor(indices)
+        index = torch.as_tensor(indices, device=self.images.device)
+        if self.rows is not None:
+            index = self.rows[index]
         x = self.images[index].float().div_(255)
         if self.binarize == "dynamic":
             x = torch.bernoulli(x)
@@ -49,3 +60,48 @@ class TensorImages(Dataset):
 def keep_batch(batch):
     """collate_fn for `__getitems__` datasets: the batch is already stacked."""
     return batch
+
+
+class TensorDataModule(L.LightningDataModule):
+    """What every vaelab DataModule shares once its splits are `TensorImages`: loaders that hand
+    whole batches through, shuffling from a generator saved in checkpoints (so a resumed run sees
+    the batches an uninterrupted one would, and loaders never touch the global RNG), and, when
+    training on a GPU, the splits kept there."""
+
+    def __init__(self, batch_size: int, eval_batch_size: int | None, num_workers: int,
+                 seed: int, on_device: bool):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.seed, self.on_device = num_workers, seed, on_device
+        self.shuffle_generator = torch.Generator().manual_seed(seed)
+
+    def state_dict(self):
+        return {"shuffle_generator": self.shuffle_generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.shuffle_generator.set_state(state["shuffle_generator"])
+
+    def place(self, *splits: TensorImages) -> None:
+        """Move in-memory splits to the training GPU, if there is one."""
+        device = self.trainer.strategy.root_device if self.trainer is not None else None
+        if self.on_device and self.num_workers == 0 and device is not None \
+                and device.type == "cuda":
+            for split in splits:
+                split.to(device)
+
+    def _loader(self, dataset, shuffle: bool, batch_size: int) -> DataLoader:
+        generator = self.shuffle_generator if shuffle else torch.Generator()
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                          num_workers=self.num_workers, collate_fn=keep_batch,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self):
+        return self._loader(self.train_set, True, self.batch_size)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, False, self.eval_batch_size)
+
+    def test_dataloader(self):
+        return self._loader(self.test_set, False, self.eval_batch_size)

@@ -1,6 +1,7 @@
 """Convolutional VAE in the shape of the Keras VAE tutorial.
 
-Encoder: stride-2 3x3 convs (32, 64) -> dense (16) -> mu, log sigma^2.
+Encoder: stride-2 3x3 convs (32, 64) -> dense (16) -> mu, log sigma^2. Larger images get more
+stages (down to a map of at most 7 x 7), widths doubling from 32 up to 256, and optional batch norm.
 Decoder: dense to the smallest feature map -> stride-2 transposed convs (64, 32) -> one output per
 data value; initialized as Keras does. Any channel count and any image size work: each transposed
 conv's output padding is chosen so the decoder retraces the encoder's sizes (28 -> 14 -> 7 -> 14
@@ -13,6 +14,15 @@ from torch import nn
 
 from vaelab.likelihoods import Likelihood
 from vaelab.models.vae import VAE, activation_class
+
+
+def stages_for(size: int, smallest: int = 7) -> int:
+    """Stride-2 stages until the feature map is at most `smallest` wide: 28 -> 7 takes 2,
+    32 -> 4 takes 3, 64 -> 4 takes 4, 128 -> 4 takes 5."""
+    stages = 0
+    while size > smallest:
+        size, stages = (size + 1) // 2, stages + 1
+    return stages
 
 
 def downsampled_sizes(size: int, stages: int) -> list[int]:
@@ -29,23 +39,33 @@ class ConvVAE(VAE):
         data_shape: Sequence[int],
         latent_dim: int,
         likelihood: Likelihood,
-        channels: Sequence[int] = (32, 64),
+        channels: Sequence[int] | None = None,
         hidden_dim: int = 16,
         activation: str = "relu",
+        batch_norm: bool = False,
+        base_channels: int = 32,
+        max_channels: int = 256,
     ):
         if len(data_shape) != 3:
             raise ValueError(f"model=conv needs images shaped [C, H, W], got {list(data_shape)}")
+        c_in, height, width = data_shape
+        if channels is None:  # derived from the image: 28 -> [32, 64], 64 -> [32, 64, 128, 256]
+            channels = [min(base_channels * 2**i, max_channels)
+                        for i in range(max(1, stages_for(max(height, width))))]
         if not channels:
             raise ValueError("model.channels must list at least one conv width, e.g. [32, 64]")
         act = activation_class(activation)
-        c_in, height, width = data_shape
+
+        def norm(width: int) -> list[nn.Module]:
+            return [nn.BatchNorm2d(width)] if batch_norm else []
+
         hs, ws = downsampled_sizes(height, len(channels)), downsampled_sizes(width, len(channels))
         widths = [c_in, *channels]
         flat = channels[-1] * hs[-1] * ws[-1]
 
         down: list[nn.Module] = []
         for a, b in zip(widths[:-1], widths[1:], strict=True):
-            down += [nn.Conv2d(a, b, 3, stride=2, padding=1), act()]
+            down += [nn.Conv2d(a, b, 3, stride=2, padding=1), *norm(b), act()]
         encoder = nn.Sequential(
             *down, nn.Flatten(), nn.Linear(flat, hidden_dim), act(),
             nn.Linear(hidden_dim, 2 * latent_dim),
@@ -57,7 +77,7 @@ class ConvVAE(VAE):
             stage = len(channels) - i  # maps size index `stage` back to `stage - 1`
             pad = (hs[stage - 1] - 2 * hs[stage] + 1, ws[stage - 1] - 2 * ws[stage] + 1)
             up += [nn.ConvTranspose2d(rev[max(i - 1, 0)], rev[i], 3, stride=2, padding=1,
-                                      output_padding=pad), act()]
+                                      output_padding=pad), *norm(rev[i]), act()]
         decoder = nn.Sequential(
             nn.Linear(latent_dim, flat), act(),
             nn.Unflatten(1, (channels[-1], hs[-1], ws[-1])),

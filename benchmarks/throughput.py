@@ -1,0 +1,135 @@
+"""Training speed on MNIST: vaelab's Lightning loop against a plain PyTorch loop, side by side.
+
+The plain loop is the pytorch/examples VAE setup: torchvision's MNIST with ToTensor through a
+DataLoader (batch 128, shuffled), a hand-written BCE + KL loss, Adam 1e-3. Both train the same
+nets (MLP 784-400-20, or the Keras-shaped conv VAE with 2 latents). The plain loop always runs in
+float32 without compilation; --precision and --compile apply to vaelab's. Prints seconds per
+60k-image epoch, samples/s, the ratio vaelab / plain, and the test negative ELBO both reach.
+
+    python benchmarks/throughput.py --data-dir ../shared/data --epochs 3
+    python benchmarks/throughput.py --epochs 10 --precision bf16-mixed --compile
+"""
+
+import argparse
+import statistics
+import time
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+
+from vaelab.data import MNISTDataModule
+from vaelab.module import VAEModule
+
+MODELS = {
+    "mlp": {"_target_": "vaelab.models.MLPVAE", "hidden_dims": [400]},
+    "conv": {"_target_": "vaelab.models.ConvVAE"},
+}
+LATENTS = {"mlp": 20, "conv": 2}
+
+
+def build(name: str, compile_nets: bool) -> VAEModule:
+    module = VAEModule(model=MODELS[name], likelihood={
+        "_target_": "vaelab.likelihoods.BernoulliLikelihood"},
+        objective={"_target_": "vaelab.objectives.ELBO"},
+        optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3, "fused": True},
+        data_shape=[1, 28, 28], latent_dim=LATENTS[name])
+    if compile_nets:
+        module.vae.encoder.compile()
+        module.vae.decoder.compile()
+    return module
+
+
+def plain_loss(vae, x):
+    """pytorch/examples' loss, summed over the batch: BCE of the decoded logits + analytic KL."""
+    mu, logvar = vae.encoder(x).chunk(2, dim=-1)
+    z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+    logits = vae.decoder(z).view_as(x)
+    bce = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+    return bce - 0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+
+
+def plain_loop(name, data_dir, epochs):
+    """The reference: always float32 and eager, as pytorch/examples runs."""
+    torch.manual_seed(0)
+    vae = build(name, compile_nets=False).vae
+    train = datasets.MNIST(data_dir, train=True, transform=transforms.ToTensor())
+    loader = DataLoader(train, batch_size=128, shuffle=True)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    times = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        for x, _ in loader:
+            optimizer.zero_grad()
+            loss = plain_loss(vae, x)
+            loss.backward()
+            optimizer.step()
+        times.append(time.perf_counter() - start)
+    test = datasets.MNIST(data_dir, train=False, transform=transforms.ToTensor())
+    with torch.no_grad():
+        total = sum(plain_loss(vae, x).item() for x, _ in DataLoader(test, batch_size=1000))
+    return times, len(train), total / len(test)
+
+
+class EpochTimer(L.Callback):
+    def __init__(self):
+        self.times: list[float] = []
+
+    def on_train_epoch_start(self, trainer, module):
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, module):
+        self.times.append(time.perf_counter() - self.start)
+
+
+def vaelab_loop(name, data_dir, epochs, precision, compile_nets):
+    L.seed_everything(0, verbose=False)
+    datamodule = MNISTDataModule(data_dir=data_dir, batch_size=128, eval_batch_size=1000,
+                                 val_size=1)
+    timer = EpochTimer()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, precision=precision,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[timer])
+    module = build(name, compile_nets)
+    trainer.fit(module, datamodule=datamodule)
+    test = trainer.test(module, datamodule=datamodule, verbose=False)[0].get("test/nelbo")
+    return timer.times, len(datamodule.train_set), test
+
+
+def report(label, times, n):
+    steady = statistics.median(times[1:] if len(times) > 1 else times)
+    per_60k = steady * 60000 / n
+    print(f"  {label:<8} {per_60k:7.2f} s/epoch  {n / steady:9.0f} samples/s"
+          f"  (first epoch {times[0]:.2f} s)")
+    return per_60k
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default="../shared/data")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--models", nargs="+", default=["mlp", "conv"], choices=list(MODELS))
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile vaelab's nets")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, precision "
+          f"{args.precision}, compile {args.compile}, {args.epochs} epochs (median after the "
+          f"first; s/epoch per 60k images)")
+    for name in args.models:
+        print(f"{name}:")
+        plain_times, plain_n, plain_test = plain_loop(name, args.data_dir, args.epochs)
+        ours_times, ours_n, ours_test = vaelab_loop(name, args.data_dir, args.epochs,
+                                                    args.precision, args.compile)
+        base = report("plain", plain_times, plain_n)
+        ours = report("vaelab", ours_times, ours_n)
+        print(f"  ratio vaelab/plain: {ours / base:.2f}   test nelbo: plain {plain_test:.2f}, "
+              f"vaelab {ours_test:.2f}")
+
+
+if __name__ == "__main__":
+    main()
