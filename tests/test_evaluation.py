@@ -90,7 +90,8 @@ def test_training_with_iwae_warmup_and_eval_at_the_end(compose_train, tmp_path):
     assert warm["train/beta_epoch"] == pytest.approx(0.2)  # mean of steps 0..4 / 10
 
 
-def test_eval_command_writes_json_csv_tensorboard_and_auroc(compose_train, tmp_path):
+def test_eval_command_writes_json_csv_tensorboard_and_auroc(compose_train, image_dir,
+                                                            tmp_path):
     cfg = compose_train("trainer.accelerator=cpu", "trainer.max_epochs=2")
     train(cfg)
     (tmp_path / ".hydra").mkdir()
@@ -114,6 +115,19 @@ def test_eval_command_writes_json_csv_tensorboard_and_auroc(compose_train, tmp_p
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert events.Scalars("eval/nll")[-1].value == pytest.approx(results["eval/nll"])
+
+    folder = subprocess.run([sys.executable, "eval.py", f"run_dir={tmp_path}", "nll_samples=10",
+                             "+ood._target_=vaelab.data.ImageFolderDataModule",
+                             f"+ood.path={image_dir}", "+ood.image_size=28", "+ood.channels=1",
+                             "+ood.val_fraction=0", "+ood.test_fraction=0.5",
+                             f"out_dir={tmp_path / 'folder'}"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert folder.returncode == 0, folder.stderr[-3000:]
+    with open(tmp_path / "folder" / "scores.csv") as file:
+        ood_rows = [r for r in csv.DictReader(file) if r["set"] == "ood"]
+    assert 0 < len(ood_rows) < 12  # the folder's test split, scored by the MNIST model
+    assert 0.0 <= json.loads((tmp_path / "folder" / "eval.json").read_text())[
+        "eval/auroc_nll"] <= 1.0
 
 
 def test_iwae_paper_schedule():

@@ -35,9 +35,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     run_cfg = runs.run_config(run)
     sets = {cfg.split: runs.load_split(run_cfg, cfg.split)}
     ood = {k: v for k, v in cfg.ood.items() if v is not None}
-    if ood:
-        ood_cfg = OmegaConf.merge(run_cfg, {"data": ood})
-        sets["ood"] = runs.load_split(ood_cfg, cfg.split)
+    if ood:  # keys replacing the run's data config, or a whole other DataModule (`_target_`)
+        data = ood if "_target_" in ood else OmegaConf.merge(run_cfg.data, ood)
+        sets["ood"] = runs.load_split(OmegaConf.merge(run_cfg, {"data": None}, {"data": data}),
+                                      cfg.split)
     scores = {name: evaluation.score(module.vae, runs.batches(data, cfg.batch_size, cfg.limit),
                                      cfg.nll_samples, cfg.chunk)
               for name, data in sets.items()}
