@@ -36,6 +36,15 @@ class VAEModule(L.LightningModule):
         self.vae: VAE = instantiate(model, data_shape=list(data_shape), latent_dim=latent_dim,
                                     likelihood=instantiate(likelihood))
         self.objective = instantiate(objective)
+        # Training metrics summed over the epoch so far (see training_step).
+        self._train_sums: torch.Tensor | None = None
+        self._train_count = 0
+        self._train_keys: list[str] = []
+        self._rng_states: dict | None = None  # from a checkpoint, applied in on_train_start
+
+    def _logs_this_step(self) -> bool:
+        every = self.trainer.log_every_n_steps
+        return bool(every) and (self.global_step + 1) % every == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.vae.reconstruct(x)
@@ -63,12 +72,11 @@ class VAEModule(L.LightningModule):
                 f"the last good checkpoint is kept. Try a lower lr, gradient clipping "
                 f"(trainer.gradient_clip_val=1.0) or trainer.precision=32-true.")
         values = torch.stack([v.detach().float() for v in out.values()])
-        sums = getattr(self, "_train_sums", None)
+        sums = self._train_sums
         self._train_sums = values * len(x) + (0 if sums is None else sums)
-        self._train_count = getattr(self, "_train_count", 0) + len(x)
+        self._train_count += len(x)
         self._train_keys = list(out)
-        every = self.trainer.log_every_n_steps
-        if every and (self.global_step + 1) % every == 0:
+        if self._logs_this_step():
             self.log_dict({f"train/{k}_step": v for k, v in zip(out, values, strict=True)},
                           on_step=True, on_epoch=False, batch_size=len(x))
             self.log("train/loss", values[0], prog_bar=True, logger=False, on_step=True,
@@ -76,7 +84,7 @@ class VAEModule(L.LightningModule):
         return loss
 
     def on_train_epoch_end(self):
-        if getattr(self, "_train_sums", None) is None:
+        if self._train_sums is None:
             return
         means = self._train_sums / self._train_count
         self.log_dict({f"train/{k}_epoch": v for k, v in zip(self._train_keys, means,
@@ -96,8 +104,7 @@ class VAEModule(L.LightningModule):
                 f"(epoch {self.current_epoch}); training stopped before the weights changed, and "
                 f"the last good checkpoint is kept. Try a lower lr or gradient clipping "
                 f"(trainer.gradient_clip_val=1.0).")
-        every = self.trainer.log_every_n_steps
-        if every and (self.global_step + 1) % every == 0:
+        if self._logs_this_step():
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     def on_save_checkpoint(self, checkpoint):
@@ -112,7 +119,7 @@ class VAEModule(L.LightningModule):
     def on_train_start(self):
         # Restored here, after Lightning's sanity check, which an uninterrupted run did not do
         # at this point and which draws latents.
-        states, self._rng_states = getattr(self, "_rng_states", None), None
+        states, self._rng_states = self._rng_states, None
         if states:
             torch.set_rng_state(states["torch"])
             if states["cuda"] and torch.cuda.is_available():

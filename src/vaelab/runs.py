@@ -36,10 +36,6 @@ def resolve(run_dir: str | None, ckpt_path: str | None) -> tuple[Path, Path]:
     raise FileNotFoundError(f"no checkpoint in {run}/checkpoints: was the run trained?")
 
 
-def read_checkpoint_step(ckpt: Path) -> int:
-    return int(read_checkpoint(ckpt).get("global_step", 0))
-
-
 def run_config(run: Path) -> DictConfig:
     """The composed config the run was trained with (Hydra's .hydra/config.yaml)."""
     path = run / ".hydra" / "config.yaml"
@@ -48,12 +44,13 @@ def run_config(run: Path) -> DictConfig:
     return OmegaConf.load(path)
 
 
-def load_module(ckpt: Path, device: str = "cpu") -> VAEModule:
-    """The trained module in eval mode, loaded with weights_only=True (no pickled code runs)."""
+def load_module(ckpt: Path, device: str = "cpu") -> tuple[VAEModule, int]:
+    """The trained module in eval mode and the step it was saved at, loaded with
+    weights_only=True (no pickled code runs)."""
     checkpoint = read_checkpoint(ckpt)
     module = VAEModule(**checkpoint["hyper_parameters"])
     module.load_state_dict(checkpoint["state_dict"])
-    return module.to(device).eval()
+    return module.to(device).eval(), int(checkpoint.get("global_step", 0))
 
 
 def load_split(cfg: DictConfig, split: str):

@@ -31,7 +31,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     run, ckpt = runs.resolve(cfg.run_dir, cfg.ckpt_path)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" \
         else cfg.device
-    module = runs.load_module(ckpt, device)
+    module, step = runs.load_module(ckpt, device)
     run_cfg = runs.run_config(run)
     sets = {cfg.split: runs.load_split(run_cfg, cfg.split)}
     ood = {k: v for k, v in cfg.ood.items() if v is not None}
@@ -54,7 +54,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(results, indent=2))
     write_scores(out / "scores.csv", scores)
-    step = runs.read_checkpoint_step(ckpt)
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(run / "tensorboard")) as writer:

@@ -30,7 +30,7 @@ def generate(cfg: DictConfig) -> dict[str, Path]:
     if unknown:
         raise ValueError(f"pictures={sorted(unknown)} are unknown; choose from {list(PICTURES)}")
     run, ckpt = runs.resolve(cfg.run_dir, cfg.ckpt_path)
-    module = runs.load_module(ckpt, cfg.device)
+    module, _ = runs.load_module(ckpt, cfg.device)
     vae, device = module.vae, module.device
     out = Path(cfg.out_dir) if cfg.out_dir else run / "generated"
     out.mkdir(parents=True, exist_ok=True)
