@@ -5,11 +5,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.distributions import kl_divergence
 
 from vaelab.likelihoods import BernoulliLikelihood
 from vaelab.models.vae import VAE
-from vaelab.objectives import log_importance_weights
+from vaelab.objectives import log_importance_weights, normal_kl
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): Cov_x(E_q[z_u]) > 0.01
 
@@ -55,7 +54,7 @@ def score(vae: VAE, batches, samples: int, chunk: int = 500) -> Scores:
         log_px, elbo, log_px_z = importance_sampled(vae, x, samples, chunk)
         q = vae.encode(x)
         for key, value in (("nll", -log_px), ("nelbo", -elbo), ("recon", -log_px_z),
-                           ("kl_per_dim", kl_divergence(q.base_dist, vae.prior().base_dist)),
+                           ("kl_per_dim", normal_kl(q.base_dist, vae.prior().base_dist)),
                            ("means", q.mean), ("labels", y)):
             parts[key].append(value.cpu())
     return Scores(**{k: torch.cat(v) for k, v in parts.items()})

@@ -93,8 +93,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     module = build_module(cfg, datamodule.shape)
     if cfg.get("compile"):
-        module.vae.encoder.compile()  # in place: checkpoints keep their parameter names
-        module.vae.decoder.compile()
+        module.objective.compile()  # the nets are untouched: checkpoints keep their names
     ckpt_path = resume_checkpoint(cfg.get("resume"), cfg.get("ckpt_path"))
     resume_step = None
     if ckpt_path:  # refuse a wrong or unsafe checkpoint before any training
