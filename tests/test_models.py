@@ -46,6 +46,22 @@ def test_conv_has_the_keras_tutorial_shape():
     assert [u.out_channels for u in ups] == [64, 32]
 
 
+def test_channels_last_changes_memory_layout_not_values():
+    """The NHWC path (default) computes what the NCHW one does, and checkpoints move between
+    them."""
+    torch.manual_seed(0)
+    nhwc = ConvVAE((3, 27, 20), 4, BernoulliLikelihood(), channels=[8, 16])
+    nchw = ConvVAE((3, 27, 20), 4, BernoulliLikelihood(), channels=[8, 16], channels_last=False)
+    nchw.load_state_dict(nhwc.state_dict())
+    assert nhwc.encoder[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert nchw.encoder[0].weight.is_contiguous()
+    x = torch.rand(5, 3, 27, 20)
+    assert nhwc.encoder[:2](x).is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(nhwc.encoder(x), nchw.encoder(x))
+    z = torch.randn(5, 4)
+    torch.testing.assert_close(nhwc.decoder(z), nchw.decoder(z))
+
+
 def test_mlp_hidden_sizes_are_configurable():
     vae = MLPVAE((1, 28, 28), 20, BernoulliLikelihood(), hidden_dims=[400])
     linears = [m for m in vae.encoder.modules() if isinstance(m, torch.nn.Linear)]

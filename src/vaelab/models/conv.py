@@ -10,6 +10,7 @@ conv's output padding is chosen so the decoder retraces the encoder's sizes (28 
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from vaelab.likelihoods import Likelihood
@@ -45,6 +46,7 @@ class ConvVAE(VAE):
         batch_norm: bool = False,
         base_channels: int = 32,
         max_channels: int = 256,
+        channels_last: bool = True,
     ):
         if len(data_shape) != 3:
             raise ValueError(f"model=conv needs images shaped [C, H, W], got {list(data_shape)}")
@@ -91,3 +93,8 @@ class ConvVAE(VAE):
             if isinstance(layer, nn.Linear | nn.Conv2d | nn.ConvTranspose2d):
                 nn.init.xavier_uniform_(layer.weight)
                 nn.init.zeros_(layer.bias)
+        if channels_last:
+            # NHWC conv weights; PyTorch then computes and returns NHWC activations (same
+            # values, other strides): oneDNN's convs ran an MNIST epoch about 20% faster that way
+            # on the CPU, and tensor cores prefer it too. Parameter names do not change.
+            self.to(memory_format=torch.channels_last)
