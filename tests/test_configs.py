@@ -47,3 +47,16 @@ def test_reference_experiment_is_the_pytorch_examples_setup(compose_train):
     assert cfg.model.hidden_dims == [400] and cfg.latent_dim == 20
     assert cfg.data.binarize == "none" and cfg.trainer.max_epochs == 10
     assert cfg.likelihood._target_.endswith("BernoulliLikelihood")
+
+
+def test_best_mnist_experiment_squeezes_the_paper_schedule_into_the_budget(compose_train):
+    from vaelab.objectives import IWAE
+
+    cfg = compose_train("experiment=mnist_best", "trainer.max_epochs=30", tiny=False)
+    assert cfg.model.hidden_dims == [200, 200] and cfg.latent_dim == 50 and cfg.compile
+    assert cfg.data.binarize == "dynamic" and cfg.data.batch_size == 20
+    module = build_module(cfg, (1, 28, 28))
+    assert isinstance(module.objective, IWAE) and module.objective.mc_samples == 5
+    schedule = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    # Stage ends at 0.01, 0.04, 0.12, 0.37, 1.1, 3.3, 10, 30 epochs: epoch 0 is in stage 4.
+    assert [schedule.lr_lambdas[0](e) for e in (0, 29)] == pytest.approx([10 ** (-4 / 7), 0.1])

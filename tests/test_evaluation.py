@@ -144,3 +144,23 @@ def test_iwae_paper_schedule():
     assert lrs[3] == pytest.approx(1e-3 * 10 ** (-1 / 7)) and lrs[4] == pytest.approx(
         1e-3 * 10 ** (-2 / 7))
     assert lrs[3279] == pytest.approx(1e-3 * 10 ** (-1)) and lrs[3280] == lrs[3279]
+
+
+def test_iwae_paper_schedule_squeezed_into_a_budget():
+    from vaelab.schedules import iwae_paper
+
+    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    schedule = iwae_paper(optimizer, epochs=328)  # the paper's stages, a tenth as long
+    lrs = []
+    for _ in range(330):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    # Stage ends at 0.1, 0.4, 1.3, 4, 12.1, 36.4, 109.3, 328; an epoch takes its midpoint's.
+    assert lrs[0] == pytest.approx(1e-3 * 10 ** (-2 / 7))  # stages 0 and 1 end inside epoch 0
+    assert lrs[4] == pytest.approx(1e-3 * 10 ** (-4 / 7))
+    assert lrs[35] == pytest.approx(1e-3 * 10 ** (-5 / 7))
+    assert lrs[36] == pytest.approx(1e-3 * 10 ** (-6 / 7))
+    assert lrs[327] == pytest.approx(1e-4) and lrs[329] == lrs[327]
+    with pytest.raises(ValueError, match="scheduler.epochs"):
+        iwae_paper(optimizer, epochs=0)
