@@ -14,7 +14,7 @@ ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): Cov_x(E_q[z_u]) > 0.01
 
 
 @torch.no_grad()
-def importance_sampled(vae: VAE, x: torch.Tensor, samples: int, chunk: int = 500):
+def importance_sampled(vae: VAE, x: torch.Tensor, samples: int, chunk: int = 50):
     """Per-example (log p(x) estimate, ELBO estimate, E_q[log p(x|z)]) from K = `samples` draws:
     log p(x) ~ logsumexp_k log w_k - log K, ELBO ~ mean_k log w_k. Draws are taken `chunk` at a
     time and folded into a running logsumexp, so memory stays at chunk x batch whatever K is."""
@@ -45,7 +45,7 @@ class Scores:
 
 
 @torch.no_grad()
-def score(vae: VAE, batches, samples: int, chunk: int = 500) -> Scores:
+def score(vae: VAE, batches, samples: int, chunk: int = 50) -> Scores:
     """Per-example NLL (importance-sampled), negative ELBO, recon, KL per dim, posterior means."""
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in Scores.__dataclass_fields__}
     device = vae.prior_loc.device
