@@ -26,8 +26,8 @@ def test_option_composes_and_builds(compose_train, image_dir, group, option):
         cfg = compose_train(f"{group}={option}")
     assert cfg.get(group) is not None or group in ("debug", "experiment")
     datamodule = instantiate(cfg.data)
-    module = build_module(cfg, datamodule.shape)
-    assert module.vae.latent_dim == cfg.latent_dim
+    module = build_module(cfg, datamodule)
+    assert getattr(module.vae, "top_dim", module.vae.latent_dim) == cfg.latent_dim
     if group == "trainer":
         assert cfg.trainer._target_ == "lightning.Trainer"
     if group in ("logger", "callbacks"):
@@ -36,7 +36,7 @@ def test_option_composes_and_builds(compose_train, image_dir, group, option):
 
 def test_top_level_knobs_reach_model_objective_and_optimizer(compose_train):
     cfg = compose_train("model=conv", "latent_dim=2", "beta=4", "mc_samples=3", "lr=0.01")
-    module = build_module(cfg, (1, 28, 28))
+    module = build_module(cfg, instantiate(cfg.data))
     assert module.vae.latent_dim == 2
     assert (module.objective.beta, module.objective.mc_samples) == (4.0, 3)
     assert module.configure_optimizers().param_groups[0]["lr"] == 0.01
@@ -55,7 +55,7 @@ def test_best_mnist_experiment_squeezes_the_paper_schedule_into_the_budget(compo
     cfg = compose_train("experiment=mnist_best", "trainer.max_epochs=30", tiny=False)
     assert cfg.model.hidden_dims == [200, 200] and cfg.latent_dim == 50 and cfg.compile
     assert cfg.data.binarize == "dynamic" and cfg.data.batch_size == 20
-    module = build_module(cfg, (1, 28, 28))
+    module = build_module(cfg, instantiate(cfg.data))
     assert isinstance(module.objective, IWAE) and module.objective.mc_samples == 5
     schedule = module.configure_optimizers()["lr_scheduler"]["scheduler"]
     # Stage ends at 0.01, 0.04, 0.12, 0.37, 1.1, 3.3, 10, 30 epochs: epoch 0 is in stage 4.

@@ -172,7 +172,7 @@ def test_a_folder_of_only_unreadable_images(tmp_path):
 def test_conv_stages_follow_the_image_size():
     assert [stages_for(s) for s in (28, 32, 64, 128)] == [2, 3, 4, 5]
     vae = ConvVAE((3, 64, 64), 8, GaussianLikelihood(), batch_norm=True)
-    convs = [m for m in vae.encoder if isinstance(m, torch.nn.Conv2d)]
+    convs = [m for m in vae.encoder.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [c.out_channels for c in convs] == [32, 64, 128, 256]
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in vae.decoder)
 

@@ -1,46 +1,64 @@
-"""Both model families on MNIST-like and CIFAR-like shapes, and odd sizes the conv must retrace."""
+"""Every model family on MNIST-like and CIFAR-like shapes, and odd sizes the conv must retrace."""
+
+from functools import partial
 
 import pytest
 import torch
 
 from vaelab.likelihoods import BernoulliLikelihood, GaussianLikelihood
-from vaelab.models import MLPVAE, ConvVAE
-from vaelab.objectives import ELBO
+from vaelab.models import MLPVAE, ConvVAE, HierarchicalVAE, VampPrior
+from vaelab.objectives import ELBO, IWAE
 
 SHAPES = [(1, 28, 28), (3, 32, 32), (3, 27, 20)]
 LIKELIHOODS = [BernoulliLikelihood, GaussianLikelihood]
+FAMILIES = ["mlp", "conv", "cvae", "cvae_conv", "vamp", "vamp_conv", "hvae"]
+VAMP = partial(VampPrior, components=6)
 
 
 def build(family, shape, likelihood, latent_dim=5):
-    if family == "mlp":
-        return MLPVAE(shape, latent_dim, likelihood(), hidden_dims=[64, 32])
-    return ConvVAE(shape, latent_dim, likelihood(), channels=[8, 16], hidden_dim=16)
+    conditional = {"conditional": True, "num_classes": 3} if family.startswith("cvae") else {}
+    prior = {"prior": VAMP} if family.startswith("vamp") else {}
+    if family == "hvae":
+        return HierarchicalVAE(shape, latent_dim, likelihood(), bottom_dim=6, hidden_dims=[16],
+                               top_hidden_dims=[8])
+    if family.endswith("conv"):
+        return ConvVAE(shape, latent_dim, likelihood(), channels=[8, 16], hidden_dim=16,
+                       **conditional, **prior)
+    return MLPVAE(shape, latent_dim, likelihood(), hidden_dims=[64, 32], **conditional, **prior)
 
 
-@pytest.mark.parametrize("family", ["mlp", "conv"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
 def test_shapes_and_a_finite_differentiable_loss(family, shape, likelihood):
     vae = build(family, shape, likelihood)
+    d = vae.latent_dim  # [z1, z2] for the hierarchical model: 6 + 5
+    assert d == (11 if family == "hvae" else 5)
     x = torch.rand(4, *shape)
-    q = vae.encode(x)
-    assert q.batch_shape == (4,) and q.event_shape == (5,)
-    p = vae.decode(q.rsample((3,)))
+    y = torch.tensor([0, 1, 2, 1]) if vae.conditional else None
+    q = vae.encode(x, y)
+    assert q.batch_shape == (4,) and q.event_shape == (d,)
+    z = q.rsample((3,))
+    p = vae.decode(z, y)
     assert p.batch_shape == (3, 4) and p.event_shape == shape
-    assert vae.reconstruct(x).shape == x.shape
-    assert vae.sample(7).shape == (7, *shape)
-    out = ELBO(mc_samples=2)(vae, x)
-    out["loss"].backward()
-    assert torch.isfinite(out["loss"])
-    grads = [p.grad for p in vae.parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert vae.kl(q, z, y).shape == (3, 4) and vae.prior(y).event_shape == (d,)
+    assert vae.reconstruct(x, y).shape == x.shape
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0]) if vae.conditional else None
+    assert vae.sample(7, labels).shape == (7, *shape)
+    for objective in (ELBO(mc_samples=2), IWAE(mc_samples=2)):
+        vae.zero_grad()
+        out = objective(vae, x, y)
+        out["loss"].backward()
+        assert torch.isfinite(out["loss"])
+        grads = [p.grad for p in vae.parameters() if p.requires_grad]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
 def test_conv_has_the_keras_tutorial_shape():
     vae = ConvVAE((1, 28, 28), 2, BernoulliLikelihood())
-    convs = [m for m in vae.encoder if isinstance(m, torch.nn.Conv2d)]
+    convs = [m for m in vae.encoder.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [(c.out_channels, c.stride) for c in convs] == [(32, (2, 2)), (64, (2, 2))]
-    assert vae.encoder[-1].in_features == 16 and vae.encoder[-1].out_features == 4
+    assert vae.encoder.head[-1].in_features == 16 and vae.encoder.head[-1].out_features == 4
     assert vae.decoder[0].out_features == 7 * 7 * 64
     ups = [m for m in vae.decoder if isinstance(m, torch.nn.ConvTranspose2d)]
     assert [u.out_channels for u in ups] == [64, 32]
@@ -53,10 +71,10 @@ def test_channels_last_changes_memory_layout_not_values():
     nhwc = ConvVAE((3, 27, 20), 4, BernoulliLikelihood(), channels=[8, 16])
     nchw = ConvVAE((3, 27, 20), 4, BernoulliLikelihood(), channels=[8, 16], channels_last=False)
     nchw.load_state_dict(nhwc.state_dict())
-    assert nhwc.encoder[0].weight.is_contiguous(memory_format=torch.channels_last)
-    assert nchw.encoder[0].weight.is_contiguous()
+    assert nhwc.encoder.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert nchw.encoder.features[0].weight.is_contiguous()
     x = torch.rand(5, 3, 27, 20)
-    assert nhwc.encoder[:2](x).is_contiguous(memory_format=torch.channels_last)
+    assert nhwc.encoder.features[:2](x).is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(nhwc.encoder(x), nchw.encoder(x))
     z = torch.randn(5, 4)
     torch.testing.assert_close(nhwc.decoder(z), nchw.decoder(z))
@@ -78,6 +96,6 @@ def test_bad_architecture_settings_are_named():
 def test_extreme_encoder_output_keeps_a_finite_posterior():
     vae = MLPVAE((1, 28, 28), 3, BernoulliLikelihood(), hidden_dims=[8])
     with torch.no_grad():
-        vae.encoder[-1][-1].bias.fill_(1e4)  # log sigma^2 = 1e4 would overflow without the clamp
+        vae.encoder.head[-1].bias.fill_(1e4)  # log sigma^2 = 1e4 would overflow without the clamp
     q = vae.encode(torch.rand(2, 1, 28, 28))
     assert torch.isfinite(q.variance).all()

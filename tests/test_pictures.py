@@ -36,12 +36,39 @@ def linear_vae(latent_dim=4, data_dim=6, active=(1, 3)) -> VAE:
 
 def test_manifold_walks_the_grid_with_y_up():
     vae = linear_vae()
-    images = pictures.manifold_images(vae, n=5, scale=1.0, dims=(0, 1)).flatten(1)
+    axis = torch.linspace(-1, 1, 5)
+    images = pictures.manifold_images(vae, axis, axis, dims=(0, 1)).flatten(1)
     assert images.shape == (25, 6)
     top_left, bottom_right = images[0], images[-1]
     assert top_left[:2].tolist() == [0.0, 1.0]     # z0 = -1 (left), z1 = +1 (top)
     assert bottom_right[:2].tolist() == [1.0, 0.0]  # z0 = +1 (right), z1 = -1 (bottom)
     assert images[12][:2].tolist() == [0.5, 0.5]    # the centre is z = 0
+
+
+def test_manifold_is_framed_by_the_prior_quantiles_or_the_posterior_range():
+    from torch.distributions import Normal
+
+    vae = linear_vae()
+    columns, rows, base = pictures.manifold_axes(vae, (1, 3), n=5)
+    expected = Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, 5))  # +-1.645: K&W's figure
+    torch.testing.assert_close(columns, expected)
+    torch.testing.assert_close(rows, expected)
+    assert base.tolist() == [0.0] * 4
+    x = torch.zeros(101, 1, 1, 6)
+    x[:, 0, 0, 1] = torch.linspace(10, 20, 101)  # unit 1's posterior mean is x_1
+    columns, rows, base = pictures.manifold_axes(vae, (1, 3), n=3, frame="posterior", x=x)
+    torch.testing.assert_close(columns, torch.tensor([10.5, 15.0, 19.5]))
+    assert rows.tolist() == [0.0] * 3 and base[1].item() == pytest.approx(15.0)
+    figure = pictures.manifold_figure(pictures.manifold_images(vae, columns, rows, (1, 3), base),
+                                      columns, rows, (1, 3))
+    ax = figure.axes[0]
+    assert ax.get_xlabel() == "z[1]" and ax.get_xticklabels()[0].get_text() == "10.50"
+
+
+def test_scatter_axes_are_labelled():
+    vae = linear_vae()
+    figure = pictures.latent_scatter(vae, torch.randn(20, 1, 1, 6), torch.arange(20) % 3)
+    assert (figure.axes[0].get_xlabel(), figure.axes[0].get_ylabel()) == ("PC 1", "PC 2")
 
 
 def test_most_active_dims_skip_collapsed_units():

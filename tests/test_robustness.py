@@ -37,7 +37,7 @@ def test_resume_from_an_epoch_end_matches_the_uninterrupted_run(compose_train, t
     train(compose_train(*common, "trainer.max_epochs=2", output_dir=part))
     resumed = train(compose_train(*common, "trainer.max_epochs=3", f"resume={part}",
                                   output_dir=part))
-    for key in ("test/nelbo", "test/kl", "val/loss", "train/loss_epoch"):
+    for key in ("test/nelbo", "test/kl", "val/loss", "train/loss"):
         assert resumed[key] == pytest.approx(full[key], rel=1e-6, abs=1e-6), key
     curve = [(e.step, e.value) for e in events(part).Scalars("val/loss")]
     reference = [(e.step, e.value) for e in events(tmp_path / "full").Scalars("val/loss")]
@@ -90,7 +90,7 @@ def test_sigkill_while_saving_never_leaves_a_truncated_checkpoint(data_dir, tmp_
     assert (run / ".hydra" / "config.yaml").is_file() and list((run / ".hydra").glob("resumed-*"))
     val = [e.step for e in events(run).Scalars("val/loss")]
     assert len(val) == len(set(val)) == 2  # one point per epoch, no duplicate
-    steps = [e.step for e in events(run).Scalars("train/loss_step")]
+    steps = [e.step for e in events(run).Scalars("train_step/loss")]
     assert len(steps) == len(set(steps))
     assert json.loads((run / "metrics.json").read_text())["test/nelbo"] > 0
 

@@ -35,11 +35,12 @@ def rows(sweep_dir):
 
 def test_a_2x2_multirun_names_its_jobs_and_summarizes_itself(data_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    train_py(["-m", "latent_dim=2,4", "beta=0.5,4", f"hydra.sweep.dir={sweep}"], data_dir,
-             tmp_path)
+    # objective.beta, not the top-level beta: the summary reports the beta that was built
+    train_py(["-m", "latent_dim=2,4", "objective.beta=0.5,4", f"hydra.sweep.dir={sweep}"],
+             data_dir, tmp_path)
     jobs = sorted(p.name for p in sweep.iterdir() if (p / ".hydra").is_dir())
-    assert jobs == ["0_latent_dim=2,beta=0.5", "1_latent_dim=2,beta=4",
-                    "2_latent_dim=4,beta=0.5", "3_latent_dim=4,beta=4"]
+    assert jobs == ["0_latent_dim=2,objective.beta=0.5", "1_latent_dim=2,objective.beta=4",
+                    "2_latent_dim=4,objective.beta=0.5", "3_latent_dim=4,objective.beta=4"]
     for job in jobs:
         assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
         assert (sweep / job / "metrics.json").is_file()
@@ -53,6 +54,10 @@ def test_a_2x2_multirun_names_its_jobs_and_summarizes_itself(data_dir, tmp_path)
         assert float(row["test/kl"]) >= 0 and float(row["train_time_s"]) > 0
     markdown = (sweep / "summary.md").read_text()
     assert markdown.count("| ok |") == 4 and "rate_distortion.png" in markdown
+    header = markdown.splitlines()[2].split(" | ")
+    beta_cells = {line.split(" | ")[header.index("beta")] for line in markdown.splitlines()
+                  if line.endswith("| ok |")}
+    assert beta_cells == {"0.50", "4"}
     assert (sweep / "rate_distortion.png").stat().st_size > 10_000
     events = EventAccumulator(str(sweep / "tensorboard"))
     events.Reload()

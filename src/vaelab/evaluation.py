@@ -6,26 +6,26 @@ from dataclasses import dataclass
 
 import torch
 
-from vaelab.likelihoods import BernoulliLikelihood
 from vaelab.models.vae import VAE
-from vaelab.objectives import log_importance_weights, normal_kl
+from vaelab.objectives import log_importance_weights
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): Cov_x(E_q[z_u]) > 0.01
 
 
 @torch.no_grad()
-def importance_sampled(vae: VAE, x: torch.Tensor, samples: int, chunk: int = 50):
+def importance_sampled(vae: VAE, x: torch.Tensor, samples: int, chunk: int = 50,
+                       context: torch.Tensor | None = None):
     """Per-example (log p(x) estimate, ELBO estimate, E_q[log p(x|z)]) from K = `samples` draws:
     log p(x) ~ logsumexp_k log w_k - log K, ELBO ~ mean_k log w_k. Draws are taken `chunk` at a
     time and folded into a running logsumexp, so memory stays at chunk x batch whatever K is."""
-    q = vae.encode(x)
+    q = vae.encode(x, context)
     running = torch.full((len(x),), -math.inf, device=x.device)
     sum_log_w = torch.zeros(len(x), device=x.device)
     sum_log_px_z = torch.zeros(len(x), device=x.device)
     for start in range(0, samples, chunk):
         z = q.sample((min(chunk, samples - start),))
-        log_px_z = vae.decode(z).log_prob(x)
-        log_w = log_importance_weights(vae, x, q, z, log_px_z)
+        log_px_z = vae.decode(z, context).log_prob(x)
+        log_w = log_importance_weights(vae, q, z, log_px_z, context)
         running = torch.logaddexp(running, torch.logsumexp(log_w, 0))
         sum_log_w += log_w.sum(0)
         sum_log_px_z += log_px_z.sum(0)
@@ -34,30 +34,38 @@ def importance_sampled(vae: VAE, x: torch.Tensor, samples: int, chunk: int = 50)
 
 @dataclass
 class Scores:
-    """Per-example numbers over a dataset, in nats (and the posterior means for unit activity)."""
+    """Per-example numbers over a dataset, in nats (and the posterior means for unit activity).
+    `kl_per_dim` only where the model has a closed-form KL per latent dimension."""
 
     nll: torch.Tensor
     nelbo: torch.Tensor
     recon: torch.Tensor
-    kl_per_dim: torch.Tensor
+    kl: torch.Tensor
     means: torch.Tensor
     labels: torch.Tensor
+    kl_per_dim: torch.Tensor | None = None
 
 
 @torch.no_grad()
 def score(vae: VAE, batches, samples: int, chunk: int = 50) -> Scores:
-    """Per-example NLL (importance-sampled), negative ELBO, recon, KL per dim, posterior means."""
+    """Per-example NLL (importance-sampled), negative ELBO, recon, KL, posterior means; labels
+    are the context of conditional models."""
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in Scores.__dataclass_fields__}
-    device = vae.prior_loc.device
+    device = vae.device
     for x, y in batches:
-        x = x.to(device)
-        log_px, elbo, log_px_z = importance_sampled(vae, x, samples, chunk)
-        q = vae.encode(x)
+        x, y = x.to(device), y.to(device)
+        context = y if vae.conditional else None
+        vae.check_context(context)
+        log_px, elbo, log_px_z = importance_sampled(vae, x, samples, chunk, context)
+        q = vae.encode(x, context)
+        per_dim = vae.kl_per_dim(q)
+        # the KL as the ELBO above measured it: exact where it can be, else from the same draws
+        kl = per_dim.sum(-1) if per_dim is not None else log_px_z - elbo
         for key, value in (("nll", -log_px), ("nelbo", -elbo), ("recon", -log_px_z),
-                           ("kl_per_dim", normal_kl(q.base_dist, vae.prior().base_dist)),
-                           ("means", q.mean), ("labels", y)):
-            parts[key].append(value.cpu())
-    return Scores(**{k: torch.cat(v) for k, v in parts.items()})
+                           ("kl", kl), ("means", q.mean), ("labels", y), ("kl_per_dim", per_dim)):
+            if value is not None:
+                parts[key].append(value.cpu())
+    return Scores(**{k: torch.cat(v) for k, v in parts.items() if v})
 
 
 def active_units(means: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
@@ -69,25 +77,25 @@ def bits_per_dim(nll: torch.Tensor, vae: VAE) -> torch.Tensor:
     """Mean NLL per data value in bits. Continuous likelihoods model [0, 1]-scaled 8-bit data, so
     the density becomes a probability of each value's 1/256 bin (+ log 256 nats per value)."""
     dims = math.prod(vae.data_shape)
-    discrete = isinstance(vae.likelihood, BernoulliLikelihood)
-    nats = nll.mean() + (0 if discrete else dims * math.log(256))
+    nats = nll.mean() + (0 if vae.likelihood.discrete else dims * math.log(256))
     return nats / (dims * math.log(2))
 
 
 def summary(scores: Scores, vae: VAE, samples: int) -> dict[str, float]:
     """The eval.json numbers."""
-    kl_per_dim = scores.kl_per_dim.mean(0)
     out = {
         "eval/nll": scores.nll.mean().item(),
         "eval/nelbo": scores.nelbo.mean().item(),
         "eval/recon": scores.recon.mean().item(),
-        "eval/kl": kl_per_dim.sum().item(),
+        "eval/kl": scores.kl.mean().item(),
         "eval/bits_per_dim": bits_per_dim(scores.nll, vae).item(),
         "eval/active_units": active_units(scores.means),
         "eval/nll_samples": samples,
         "eval/examples": len(scores.nll),
     }
-    out.update({f"eval/kl_dim_{u}": v for u, v in enumerate(kl_per_dim.tolist())})
+    if scores.kl_per_dim is not None:
+        per_dim = scores.kl_per_dim.mean(0).tolist()
+        out.update({f"eval/kl_dim_{u}": v for u, v in enumerate(per_dim)})
     return out
 
 

@@ -12,7 +12,12 @@ from torch.distributions import Bernoulli, Distribution, Independent, Normal
 
 
 class Likelihood(nn.Module):
-    """Base class: one decoder output per data value (channel x pixel) parameterizes p(x|z)."""
+    """Base class: one decoder output per data value (channel x pixel) parameterizes p(x|z).
+
+    `discrete`: a probability of each value (bits/dim reads it as is) rather than a density
+    over [0, 1]-scaled 8-bit values (bits/dim adds the bin width)."""
+
+    discrete = False
 
     def forward(self, out: torch.Tensor, event_ndims: int) -> Distribution:
         raise NotImplementedError
@@ -24,6 +29,8 @@ class BernoulliLikelihood(Likelihood):
     Non-binarized intensities are accepted as targets (the cross-entropy of pytorch/examples),
     hence `validate_args=False`.
     """
+
+    discrete = True
 
     def forward(self, out, event_ndims):
         return Independent(Bernoulli(logits=out, validate_args=False), event_ndims)

@@ -1,7 +1,8 @@
-"""VAEModule: one training step is the objective plus logging, nothing else.
+"""VAEModule: one step is the objective plus logging, nothing else.
 
 The hyperparameters are plain dicts (Hydra `_target_` specs as strings), so a checkpoint loads
 with `VAEModule.load_from_checkpoint(path, weights_only=True)` and no Hydra config around it.
+A batch is (images, labels); the labels are the context of conditional models.
 """
 
 from collections.abc import Sequence
@@ -10,11 +11,34 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from torchmetrics import Metric
 
 from vaelab.evaluation import bits_per_dim
 from vaelab.models.vae import VAE
 
 STAGES = ("train", "val", "test")
+
+
+class EpochMeans(Metric):
+    """Example-weighted means of every value an objective returns, over an epoch, as one vector:
+    one update per step (about 20 us; a torchmetrics MeanMetric per value cost 250 us, a
+    twentieth of a batch-20 step), synced across DDP ranks by torchmetrics."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("sums", torch.zeros(0), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, values: torch.Tensor, weight: int) -> None:
+        if self.sums.numel() != values.numel():  # the first step of an epoch
+            self.sums = values.new_zeros(values.shape)
+        self.sums += values * weight
+        self.count += weight
+
+    def compute(self) -> torch.Tensor:
+        return self.sums / self.count
 
 
 class VAEModule(L.LightningModule):
@@ -27,43 +51,61 @@ class VAEModule(L.LightningModule):
         data_shape: Sequence[int],
         latent_dim: int,
         scheduler: dict[str, Any] | None = None,
+        num_classes: int | None = None,
     ):
         super().__init__()
         if latent_dim < 1:
             raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
         # Logged to TensorBoard's HParams tab once, with the final metrics (see cli/train.py).
         self.save_hyperparameters(logger=False)
+        # Only a conditional model is told the class count (the data's, see cli/train.py).
+        extra = {"num_classes": num_classes} if model.get("conditional") else {}
         self.vae: VAE = instantiate(model, data_shape=list(data_shape), latent_dim=latent_dim,
-                                    likelihood=instantiate(likelihood))
+                                    likelihood=instantiate(likelihood), **extra)
         self.objective = instantiate(objective)
-        # Training metrics summed over the epoch so far (see training_step).
-        self._train_sums: torch.Tensor | None = None
-        self._train_count = 0
-        self._train_keys: list[str] = []
+        # keyed "<stage>_means": a module attribute may not be called `train`
+        self.means = torch.nn.ModuleDict({f"{stage}_means": EpochMeans() for stage in STAGES})
+        self._keys: dict[str, list[str]] = {}
         self._rng_states: dict | None = None  # from a checkpoint, applied in on_train_start
+
+    def _means(self, stage: str) -> EpochMeans:
+        return self.means[f"{stage}_means"]
 
     def _logs_this_step(self) -> bool:
         every = self.trainer.log_every_n_steps
         return bool(every) and (self.global_step + 1) % every == 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vae.reconstruct(x)
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.vae.reconstruct(x, context)
 
-    def _step(self, batch, stage: str) -> torch.Tensor:
-        x = batch[0]
-        out = self.objective(self.vae, x, step=self.global_step)
-        kw = dict(on_step=False, on_epoch=True, batch_size=len(x), sync_dist=True)
-        self.log(f"{stage}/loss", out["loss"].detach(), prog_bar=True, **kw)
-        self.log_dict({f"{stage}/{k}": v.detach() for k, v in out.items() if k != "loss"}, **kw)
-        self.log(f"{stage}/bpd", bits_per_dim(out["nelbo"].detach(), self.vae), **kw)
-        return out["loss"]
+    def _step(self, batch, stage: str) -> dict[str, torch.Tensor]:
+        """The objective on one batch; its values are summed into the epoch's means."""
+        x, y = batch
+        context = y if self.vae.conditional else None
+        self.vae.check_context(context)
+        out = self.objective(self.vae, x, context, step=self.global_step)
+        values = torch.stack([v.detach().float() for v in out.values()])
+        self._means(stage).update(values, len(x))
+        self._keys[stage] = list(out)
+        return out
+
+    def _log_epoch(self, stage: str) -> None:
+        """`<stage>/<key>` for every key the objective returned, once per epoch, the same names
+        in train, val and test (and `bpd`, bits per dimension of the negative ELBO)."""
+        if stage not in self._keys or not self._means(stage).update_called:
+            return
+        means = dict(zip(self._keys[stage], self._means(stage).compute(), strict=True))
+        if "nelbo" in means:
+            means["bpd"] = bits_per_dim(means["nelbo"], self.vae)
+        self.log_dict({f"{stage}/{k}": v for k, v in means.items()}, on_step=False,
+                      on_epoch=True, prog_bar=False)
+        self.log(f"{stage}_loss", means["loss"], prog_bar=True, logger=False)
+        self._means(stage).reset()
 
     def training_step(self, batch, batch_idx):
-        """The epoch means are summed here and logged once per epoch (`on_train_epoch_end`);
-        per-step values only every `trainer.log_every_n_steps` steps. Calling `self.log` for
-        every metric at every step cost a quarter of an MLP epoch on the CPU."""
-        x = batch[0]
-        out = self.objective(self.vae, x, step=self.global_step)
+        """Per-step values only every `trainer.log_every_n_steps` steps (`train_step/<key>`):
+        calling `self.log` for every metric at every step cost a quarter of an MLP epoch."""
+        out = self._step(batch, "train")
         loss = out["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -71,26 +113,21 @@ class VAEModule(L.LightningModule):
                 f"(epoch {self.current_epoch}); training stopped before the weights changed, and "
                 f"the last good checkpoint is kept. Try a lower lr, gradient clipping "
                 f"(trainer.gradient_clip_val=1.0) or trainer.precision=32-true.")
-        values = torch.stack([v.detach().float() for v in out.values()])
-        sums = self._train_sums
-        self._train_sums = values * len(x) + (0 if sums is None else sums)
-        self._train_count += len(x)
-        self._train_keys = list(out)
         if self._logs_this_step():
-            self.log_dict({f"train/{k}_step": v for k, v in zip(out, values, strict=True)},
-                          on_step=True, on_epoch=False, batch_size=len(x))
-            self.log("train/loss", values[0], prog_bar=True, logger=False, on_step=True,
-                     on_epoch=False, batch_size=len(x))
+            self.log_dict({f"train_step/{k}": v.detach().float() for k, v in out.items()},
+                          on_step=True, on_epoch=False, batch_size=len(batch[0]))
+            self.log("loss", loss.detach(), prog_bar=True, logger=False, on_step=True,
+                     on_epoch=False, batch_size=len(batch[0]))
         return loss
 
     def on_train_epoch_end(self):
-        if self._train_sums is None:
-            return
-        means = self._train_sums / self._train_count
-        self.log_dict({f"train/{k}_epoch": v for k, v in zip(self._train_keys, means,
-                                                             strict=True)},
-                      on_step=False, on_epoch=True, sync_dist=True)
-        self._train_sums, self._train_count = None, 0
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self):
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self):
+        self._log_epoch("test")
 
     def on_before_optimizer_step(self, optimizer):
         """Stop before a non-finite gradient reaches the weights (fp16's scaler skips those
@@ -105,7 +142,7 @@ class VAEModule(L.LightningModule):
                 f"the last good checkpoint is kept. Try a lower lr or gradient clipping "
                 f"(trainer.gradient_clip_val=1.0).")
         if self._logs_this_step():
-            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+            self.log("train_step/grad_norm", norm, on_step=True, on_epoch=False)
 
     def on_save_checkpoint(self, checkpoint):
         """The RNG states, so that a resumed run draws the same batches and latents as an
@@ -136,6 +173,6 @@ class VAEModule(L.LightningModule):
         if not self.hparams.scheduler:
             return optimizer
         spec = dict(self.hparams.scheduler)
-        interval, monitor = spec.pop("interval", "epoch"), spec.pop("monitor", "val/loss")
+        interval, monitor = spec.pop("interval", "epoch"), spec.pop("monitor", "val/nelbo")
         return {"optimizer": optimizer, "lr_scheduler": {
             "scheduler": instantiate(spec)(optimizer), "interval": interval, "monitor": monitor}}

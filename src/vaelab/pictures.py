@@ -2,7 +2,8 @@
 
 Shared by the TensorBoard callbacks (during training) and `vaelab-generate` (afterwards), so a
 picture in TensorBoard and its PNG are drawn by the same code. Everything goes through the VAE's
-own `encode` / `decode`.
+own `encode` / `decode` / `prior` / `sample_latents`; decoding runs in bounded chunks. Labels are
+passed as the context of conditional models and ignored otherwise.
 """
 
 import matplotlib
@@ -17,6 +18,9 @@ from torchvision.utils import make_grid  # noqa: E402
 from vaelab.models.vae import VAE  # noqa: E402
 
 SCATTER_METHODS = ("pca", "tsne")
+MANIFOLD_FRAMES = ("prior", "posterior")
+QUANTILES = (0.05, 0.95)  # the manifold's extent, as in Kingma & Welling's figure 4
+DECODE_CHUNK = 64  # images decoded at once: memory does not grow with a picture's size
 
 
 def as_images(x: torch.Tensor) -> torch.Tensor:
@@ -24,57 +28,132 @@ def as_images(x: torch.Tensor) -> torch.Tensor:
     return x.detach().float().clamp(0, 1).cpu()
 
 
+def context_of(vae: VAE, labels: torch.Tensor | None) -> torch.Tensor | None:
+    """Labels as the model's context: kept for conditional models, dropped for the others."""
+    if not vae.conditional:
+        return None
+    vae.check_context(labels)
+    return labels.to(vae.device)
+
+
 @torch.no_grad()
-def reconstruction_grid(vae: VAE, x: torch.Tensor, nrow: int = 8) -> torch.Tensor:
+def decode_means(vae: VAE, z: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    """Display images of p(x|z) means for latents [N, D], DECODE_CHUNK at a time."""
+    parts = []
+    for start in range(0, len(z), DECODE_CHUNK):
+        c = None if context is None else context[start:start + DECODE_CHUNK].to(vae.device)
+        parts.append(as_images(vae.decode(z[start:start + DECODE_CHUNK].to(vae.device), c).mean))
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def reconstruction_grid(vae: VAE, x: torch.Tensor, nrow: int = 8,
+                        labels: torch.Tensor | None = None) -> torch.Tensor:
     """Rows of `nrow` inputs, each row followed by their reconstructions (the likelihood mean)."""
-    recon = vae.reconstruct(x)
+    context = context_of(vae, labels)
+    q_means = vae.encode(x, context).mean
+    recon = decode_means(vae, q_means, context)
     rows = []
     for start in range(0, len(x), nrow):
-        rows += [x[start:start + nrow], recon[start:start + nrow]]
-    return make_grid(as_images(torch.cat(rows)), nrow=nrow, pad_value=1)
+        rows += [as_images(x[start:start + nrow]), recon[start:start + nrow]]
+    return make_grid(torch.cat(rows), nrow=nrow, pad_value=1)
+
+
+def sample_labels(vae: VAE, n: int, nrow: int, label: int | None = None) -> torch.Tensor | None:
+    """The labels of a samples picture: none for an unconditional model; one row of `nrow` per
+    class, or n of one `label`, for a conditional one."""
+    if not vae.conditional:
+        return None
+    if label is not None:
+        return torch.full((n,), int(label))
+    return torch.arange(vae.num_classes).repeat_interleave(nrow)
 
 
 @torch.no_grad()
-def sample_grid(vae: VAE, z: torch.Tensor, nrow: int = 8) -> torch.Tensor:
-    """Decodings of given prior draws z ~ N(0, I): fixed z make epochs comparable."""
-    return make_grid(as_images(vae.decode(z.to(vae.prior_loc.device)).mean), nrow=nrow, pad_value=1)
+def sample_grid(vae: VAE, n: int = 64, nrow: int = 8, seed: int = 0,
+                label: int | None = None) -> torch.Tensor:
+    """Decodings of prior draws z ~ p(z) from a seeded generator: the same z every epoch, so
+    epochs compare. A conditional model gets one row per class (or all of `label`)."""
+    labels = sample_labels(vae, n, nrow, label)
+    context = context_of(vae, labels)
+    n = n if context is None else len(context)
+    z = vae.sample_latents(n, context, generator=torch.Generator().manual_seed(seed))
+    return make_grid(decode_means(vae, z, context), nrow=nrow, pad_value=1)
 
 
 @torch.no_grad()
-def most_active_dims(vae: VAE, x: torch.Tensor, k: int = 2) -> list[int]:
+def most_active_dims(vae: VAE, x: torch.Tensor, k: int = 2,
+                     labels: torch.Tensor | None = None) -> list[int]:
     """The k latent units whose posterior mean varies most over x (Burda et al.'s activity)."""
-    activity = vae.encode(x).mean.var(0)
+    activity = vae.encode(x, context_of(vae, labels)).mean.var(0)
     return activity.topk(min(k, vae.latent_dim)).indices.sort().values.tolist()
 
 
-def manifold_dims(vae: VAE, x: torch.Tensor) -> tuple[int, int]:
+def manifold_dims(vae: VAE, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[int, int]:
     """The two latent dims to walk: both when there are two, else the two most active."""
     if vae.latent_dim <= 2:
         return (0, vae.latent_dim - 1)
-    first, second = most_active_dims(vae, x)
+    if len(x) < 2:  # no variance to rank by
+        return (0, 1)
+    first, second = most_active_dims(vae, x, labels=labels)
     return first, second
 
 
 @torch.no_grad()
-def manifold_images(vae: VAE, n: int = 20, scale: float = 2.0,
-                    dims: tuple[int, int] = (0, 1)) -> torch.Tensor:
-    """[n*n, C, H, W] decodings of an n x n grid over [-scale, scale]^2 in latent dims `dims`, the
-    others at 0; row 0 is the top (largest second coordinate), as in the seeds' plot."""
-    axis = torch.linspace(-scale, scale, n)
-    z = torch.zeros(n, n, vae.latent_dim, device=vae.prior_loc.device)
-    z[..., dims[0]] = axis.to(z.device)[None, :]          # x-axis: left to right
-    z[..., dims[1]] = axis.flip(0).to(z.device)[:, None]  # y-axis: top to bottom
-    return as_images(vae.decode(z.reshape(n * n, -1)).mean)
+def manifold_axes(vae: VAE, dims: tuple[int, int], n: int = 20, frame: str = "prior",
+                  x: torch.Tensor | None = None,
+                  labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                               torch.Tensor]:
+    """(column values [n], row values [n], the latent point [D] the other dims sit at).
+
+    `prior`: the grid covers the prior's 5%..95% quantiles in each walked dim (Kingma & Welling:
+    equal probability mass between columns; the model computes them, exactly for N(0, I)), the
+    other dims at the prior's median. `posterior`: the same quantiles of the posterior means of
+    x (the aggregate posterior's range), the other dims at their median."""
+    if frame not in MANIFOLD_FRAMES:
+        raise ValueError(f"manifold frame {frame!r} is unknown; choose one of {MANIFOLD_FRAMES}")
+    levels = torch.cat([torch.linspace(*QUANTILES, n), torch.tensor([0.5])]).to(vae.device)
+    if frame == "posterior":
+        if x is None or len(x) < 2:
+            raise ValueError("the posterior frame needs at least 2 images")
+        means = vae.encode(x, context_of(vae, labels)).mean.float()
+        values = torch.quantile(means, levels, dim=0)
+    else:
+        values = vae.prior_quantiles(levels, context_of(vae, None if labels is None
+                                                        else labels[:1]))
+    values = values.cpu()
+    return values[:n, dims[0]], values[:n, dims[1]], values[n]
 
 
-def manifold_figure(images: torch.Tensor, n: int, scale: float, dims: tuple[int, int]) -> Figure:
-    """The manifold grid with its latent coordinates on the axes."""
+@torch.no_grad()
+def manifold_images(vae: VAE, columns: torch.Tensor, rows: torch.Tensor, dims: tuple[int, int],
+                    base: torch.Tensor | None = None, label: int | None = None) -> torch.Tensor:
+    """[n*n, C, H, W] decodings of the grid columns x rows in latent dims `dims`, the others at
+    `base` (default 0); row 0 is the top (largest second coordinate), as in the seeds' plot."""
+    n = len(columns)
+    z = torch.zeros(n, n, vae.latent_dim) if base is None else base.cpu().float().expand(
+        n, n, vae.latent_dim).clone()
+    z[..., dims[0]] = columns.float()[None, :]           # x-axis: left to right
+    z[..., dims[1]] = rows.float().flip(0)[:, None]      # y-axis: top to bottom
+    labels = sample_labels(vae, n * n, n, 0 if label is None else label)
+    return decode_means(vae, z.reshape(n * n, -1), context_of(vae, labels))
+
+
+def manifold_figure(images: torch.Tensor, columns: torch.Tensor, rows: torch.Tensor,
+                    dims: tuple[int, int], title: str = "") -> Figure:
+    """The manifold grid with the latent value of every few columns and rows on the axes."""
+    n = len(columns)
     grid = make_grid(images, nrow=n, padding=0)
     fig, ax = plt.subplots(figsize=(8, 8), dpi=100)
-    ax.imshow(grid.permute(1, 2, 0).numpy(), extent=(-scale, scale, -scale, scale),
+    ax.imshow(grid.permute(1, 2, 0).numpy(), extent=(0, n, 0, n),
               cmap="gray" if images.shape[1] == 1 else None)
+    ticks = sorted({*range(0, n, max(1, n // 5)), n - 1})
+    ax.set_xticks([i + 0.5 for i in ticks], [f"{columns[i]:.2f}" for i in ticks])
+    ax.set_yticks([i + 0.5 for i in ticks], [f"{rows[i]:.2f}" for i in ticks])
     ax.set_xlabel(f"z[{dims[0]}]")
     ax.set_ylabel(f"z[{dims[1]}]")
+    if title:
+        ax.set_title(title)
     fig.tight_layout()
     return fig
 
@@ -96,7 +175,8 @@ def project_2d(points: torch.Tensor, method: str = "pca", seed: int = 0) -> torc
     return centred @ v[:2].T
 
 
-def scatter_figure(points: torch.Tensor, labels: torch.Tensor | None, title: str) -> Figure:
+def scatter_figure(points: torch.Tensor, labels: torch.Tensor | None, title: str,
+                   axis_names: tuple[str, str] = ("", "")) -> Figure:
     """2-D latent points coloured by label (one colour per class, with a legend)."""
     fig, ax = plt.subplots(figsize=(8, 7), dpi=100)
     if labels is None:
@@ -105,6 +185,8 @@ def scatter_figure(points: torch.Tensor, labels: torch.Tensor | None, title: str
         scatter = ax.scatter(points[:, 0], points[:, 1], c=labels.cpu(), cmap="tab10", s=3,
                              alpha=0.7)
         ax.legend(*scatter.legend_elements(), title="label", loc="best", fontsize=8)
+    ax.set_xlabel(axis_names[0])
+    ax.set_ylabel(axis_names[1])
     ax.set_title(title)
     fig.tight_layout()
     return fig
@@ -113,20 +195,36 @@ def scatter_figure(points: torch.Tensor, labels: torch.Tensor | None, title: str
 @torch.no_grad()
 def latent_scatter(vae: VAE, x: torch.Tensor, labels: torch.Tensor | None,
                    method: str = "pca") -> Figure:
-    means = vae.encode(x).mean
-    if vae.latent_dim <= 2:
-        title = "posterior means"
+    means = vae.encode(x, context_of(vae, labels)).mean
+    if vae.latent_dim == 1:
+        means = torch.cat([means, torch.zeros_like(means)], -1)
+        title, names = "posterior means (1-D)", ("z[0]", "")
+    elif vae.latent_dim == 2:
+        title, names = "posterior means", ("z[0]", "z[1]")
     else:
         title = f"posterior means, {vae.latent_dim}-D projected by {method.upper()}"
-    return scatter_figure(project_2d(means, method), labels, title)
+        prefix = "PC" if method == "pca" else "t-SNE"
+        names = (f"{prefix} 1", f"{prefix} 2")
+    return scatter_figure(project_2d(means, method), labels, title, names)
 
 
 @torch.no_grad()
-def interpolation_grid(vae: VAE, a: torch.Tensor, b: torch.Tensor, steps: int = 10) -> torch.Tensor:
-    """One row per pair: a, decodings along the straight line between the latent means, b."""
-    za, zb = vae.encode(a).mean, vae.encode(b).mean
+def interpolation_grid(vae: VAE, a: torch.Tensor, b: torch.Tensor, steps: int = 10,
+                       labels_a: torch.Tensor | None = None,
+                       labels_b: torch.Tensor | None = None) -> torch.Tensor:
+    """One row per pair: a, decodings along the straight line between the latent means, b. A
+    conditional model's one-hot label moves along the same line."""
+    pairs = min(len(a), len(b))
+    a, b = a[:pairs], b[:pairs]
+    ca = context_of(vae, None if labels_a is None else labels_a[:pairs])
+    cb = context_of(vae, None if labels_b is None else labels_b[:pairs])
+    za, zb = vae.encode(a, ca).mean, vae.encode(b, cb).mean
     t = torch.linspace(0, 1, steps, device=za.device)[None, :, None]
     z = za[:, None] + t * (zb - za)[:, None]  # [pairs, steps, latent]
-    decoded = vae.decode(z).mean  # [pairs, steps, C, H, W]
-    rows = torch.cat([a[:, None], decoded, b[:, None]], dim=1)
-    return make_grid(as_images(rows.flatten(0, 1)), nrow=steps + 2, pad_value=1)
+    context = None
+    if ca is not None:
+        ha, hb = vae.one_hot(ca), vae.one_hot(cb)
+        context = (ha[:, None] + t * (hb - ha)[:, None]).flatten(0, 1)
+    decoded = decode_means(vae, z.flatten(0, 1), context).unflatten(0, (pairs, steps))
+    rows = torch.cat([as_images(a)[:, None], decoded, as_images(b)[:, None]], dim=1)
+    return make_grid(rows.flatten(0, 1), nrow=steps + 2, pad_value=1)

@@ -44,13 +44,23 @@ def run_config(run: Path) -> DictConfig:
     return OmegaConf.load(path)
 
 
-def load_module(ckpt: Path, device: str = "cpu") -> tuple[VAEModule, int]:
+def device(name: str) -> torch.device:
+    """`auto` (a GPU when there is one), `cpu`, `cuda`, `cuda:1`, ..."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device={name!r} is not a device; use auto, cpu or cuda") from err
+
+
+def load_module(ckpt: Path, device_name: str = "cpu") -> tuple[VAEModule, int]:
     """The trained module in eval mode and the step it was saved at, loaded with
-    weights_only=True (no pickled code runs)."""
+    weights_only=True (no pickled code runs). `device_name` may be `auto`."""
     checkpoint = read_checkpoint(ckpt)
     module = VAEModule(**checkpoint["hyper_parameters"])
     module.load_state_dict(checkpoint["state_dict"])
-    return module.to(device).eval(), int(checkpoint.get("global_step", 0))
+    return module.to(device(device_name)).eval(), int(checkpoint.get("global_step", 0))
 
 
 def load_split(cfg: DictConfig, split: str):

@@ -37,7 +37,9 @@ def job_row(job: Path) -> dict[str, Any]:
     config = OmegaConf.load(job / ".hydra" / "config.yaml")
     row: dict[str, Any] = {"job": job.name}
     row.update(dict(o.split("=", 1) for o in overrides if "=" in o and not o.startswith("+")))
-    row["latent_dim"], row["beta"] = config.get("latent_dim"), config.get("beta")
+    # the values as built: `objective.beta=4` leaves the top-level `beta` at its default
+    row["latent_dim"] = config.get("latent_dim")
+    row["beta"] = OmegaConf.select(config, "objective.beta", default=None)
     metrics_file, error_file = job / "metrics.json", job / ERROR_FILE
     if metrics_file.is_file():
         metrics = json.loads(metrics_file.read_text())
@@ -90,10 +92,11 @@ def rate_distortion_figure(rows: list[dict[str, Any]]):
     done = [r for r in rows if r["status"] == "ok" and r.get("test/kl") is not None]
     fig, ax = plt.subplots(figsize=(7, 5), dpi=100)
     for latent_dim in sorted({r["latent_dim"] for r in done}):
-        group = sorted((r for r in done if r["latent_dim"] == latent_dim), key=lambda r: r["beta"])
+        group = sorted((r for r in done if r["latent_dim"] == latent_dim),
+                       key=lambda r: (r["beta"] is None, r["beta"] or 0))
         rate, distortion = [r["test/kl"] for r in group], [r["test/recon"] for r in group]
         ax.plot(rate, distortion, "o-", label=f"latent_dim={latent_dim}")
-        for r in group:
+        for r in (r for r in group if r["beta"] is not None):
             ax.annotate(f"β={r['beta']:g}", (r["test/kl"], r["test/recon"]),
                         textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("rate: test KL(q(z|x) || p(z)) [nats]")

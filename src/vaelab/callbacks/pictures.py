@@ -1,5 +1,8 @@
 """TensorBoard pictures every N epochs, on a fixed validation batch and fixed noise so that
-epochs compare. Rank zero only; a run without a TensorBoard logger gets no pictures."""
+epochs compare. Rank zero only; a run without a TensorBoard logger gets no pictures. A picture
+that cannot be drawn is a warning, never the end of the run."""
+
+import logging
 
 import lightning as L
 import torch
@@ -8,6 +11,8 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from vaelab import pictures
 from vaelab.models.vae import VAE
+
+log = logging.getLogger(__name__)
 
 
 def tensorboard(trainer: L.Trainer):
@@ -34,13 +39,15 @@ class Picture(L.Callback):
         if self._batch is None:
             xs, ys, n = [], [], 0
             for x, y in trainer.val_dataloaders:
-                xs.append(x), ys.append(y)
+                xs.append(x.cpu()), ys.append(y.cpu())
                 n += len(x)
                 if n >= self.n_images:
                     break
+            if not xs:
+                raise ValueError("the validation split is empty")
             self._batch = torch.cat(xs)[: self.n_images], torch.cat(ys)[: self.n_images]
         x, y = self._batch
-        return x.to(module.device), y
+        return x.to(module.device), y.to(module.device)
 
     def due(self, trainer: L.Trainer) -> bool:
         epoch = trainer.current_epoch + 1
@@ -60,6 +67,9 @@ class Picture(L.Callback):
         module.eval()
         try:
             self.draw(writer, module.vae, trainer, module)
+        except Exception as err:  # noqa: BLE001 - a picture must never cost a run
+            log.warning("%s skipped at step %d: %s: %s", self.tag, trainer.global_step,
+                        type(err).__name__, err)
         finally:
             module.train(was_training)
 
@@ -83,12 +93,13 @@ class Reconstructions(Picture):
         self.nrow = nrow
 
     def draw(self, writer, vae, trainer, module):
-        x, _ = self.fixed_batch(trainer, module)
-        self.add(writer, pictures.reconstruction_grid(vae, x, self.nrow), trainer.global_step)
+        x, y = self.fixed_batch(trainer, module)
+        self.add(writer, pictures.reconstruction_grid(vae, x, self.nrow, y), trainer.global_step)
 
 
 class PriorSamples(Picture):
-    """Decodings of the same prior draws at every epoch."""
+    """Decodings of the same prior draws at every epoch (a conditional model: one row of `nrow`
+    per class)."""
 
     tag = "pictures/samples"
 
@@ -97,26 +108,33 @@ class PriorSamples(Picture):
         self.nrow = nrow
 
     def draw(self, writer, vae, trainer, module):
-        generator = torch.Generator().manual_seed(self.seed)
-        z = torch.randn(self.n_images, vae.latent_dim, generator=generator)
-        self.add(writer, pictures.sample_grid(vae, z, self.nrow), trainer.global_step)
+        grid = pictures.sample_grid(vae, self.n_images, self.nrow, self.seed)
+        self.add(writer, grid, trainer.global_step)
 
 
 class LatentManifold(Picture):
-    """An n x n grid of decodings over [-scale, scale]^2, in the two latent dims (or the two most
-    active ones, with the others at 0), with the latent coordinates on the axes."""
+    """An n x n grid of decodings over the prior's 5%..95% quantiles (`frame: prior`) or the
+    validation posterior means' (`frame: posterior`), in the two latent dims (or the two most
+    active ones, the others at the median), with the latent values on the axes. A conditional
+    model draws it for the first validation image's class."""
 
     tag = "pictures/manifold"
 
-    def __init__(self, n: int = 20, scale: float = 2.0, **kwargs):
+    def __init__(self, n: int = 20, frame: str = "prior", **kwargs):
         super().__init__(**kwargs)
-        self.n, self.scale = n, scale
+        if frame not in pictures.MANIFOLD_FRAMES:
+            raise ValueError(f"callbacks.latent_manifold.frame={frame!r} is unknown; choose one "
+                             f"of {pictures.MANIFOLD_FRAMES}")
+        self.n, self.frame = n, frame
 
     def draw(self, writer, vae, trainer, module):
-        x, _ = self.fixed_batch(trainer, module)
-        dims = pictures.manifold_dims(vae, x)
-        images = pictures.manifold_images(vae, self.n, self.scale, dims)
-        self.add(writer, pictures.manifold_figure(images, self.n, self.scale, dims),
+        x, y = self.fixed_batch(trainer, module)
+        dims = pictures.manifold_dims(vae, x, y)
+        columns, rows, base = pictures.manifold_axes(vae, dims, self.n, self.frame, x, y)
+        label = int(y[0]) if vae.conditional else None
+        images = pictures.manifold_images(vae, columns, rows, dims, base, label)
+        title = f"{self.frame} 5%-95% quantiles" + (f", class {label}" if vae.conditional else "")
+        self.add(writer, pictures.manifold_figure(images, columns, rows, dims, title),
                  trainer.global_step)
 
 
@@ -145,8 +163,10 @@ class Interpolations(Picture):
         self.steps = steps
 
     def draw(self, writer, vae, trainer, module):
-        x, _ = self.fixed_batch(trainer, module)
-        grid = pictures.interpolation_grid(vae, x[0::2], x[1::2], self.steps)
+        x, y = self.fixed_batch(trainer, module)
+        if len(x) < 2:
+            raise ValueError("fewer than 2 validation images")
+        grid = pictures.interpolation_grid(vae, x[0::2], x[1::2], self.steps, y[0::2], y[1::2])
         self.add(writer, grid, trainer.global_step)
 
 
@@ -169,6 +189,6 @@ class EmbeddingProjector(Picture):
     def draw(self, writer, vae, trainer, module):
         x, y = self.fixed_batch(trainer, module)
         with torch.no_grad():
-            means = vae.encode(x).mean.cpu()
+            means = vae.encode(x, pictures.context_of(vae, y)).mean.cpu()
         writer.add_embedding(means, metadata=y.tolist(), label_img=pictures.as_images(x),
                              global_step=trainer.global_step, tag=self.tag)

@@ -29,9 +29,7 @@ def write_scores(path: Path, named_scores: dict[str, evaluation.Scores]) -> None
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     run, ckpt = runs.resolve(cfg.run_dir, cfg.ckpt_path)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" \
-        else cfg.device
-    module, step = runs.load_module(ckpt, device)
+    module, step = runs.load_module(ckpt, cfg.device)
     run_cfg = runs.run_config(run)
     sets = {cfg.split: runs.load_split(run_cfg, cfg.split)}
     ood = {k: v for k, v in cfg.ood.items() if v is not None}

@@ -29,9 +29,16 @@ def generate(cfg: DictConfig) -> dict[str, Path]:
     unknown = set(cfg.pictures) - set(PICTURES)
     if unknown:
         raise ValueError(f"pictures={sorted(unknown)} are unknown; choose from {list(PICTURES)}")
+    if cfg.label is not None and (isinstance(cfg.label, bool) or not isinstance(cfg.label, int)):
+        raise ValueError(f"label={cfg.label!r} must be a class index (an integer)")
     run, ckpt = runs.resolve(cfg.run_dir, cfg.ckpt_path)
     module, _ = runs.load_module(ckpt, cfg.device)
     vae, device = module.vae, module.device
+    if cfg.label is not None:
+        if not vae.conditional:
+            raise ValueError("label= is for conditional models (model=cvae); this run's model "
+                             "is unconditional")
+        vae.check_context(torch.tensor([cfg.label]))
     out = Path(cfg.out_dir) if cfg.out_dir else run / "generated"
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -50,20 +57,20 @@ def generate(cfg: DictConfig) -> dict[str, Path]:
         log.info("wrote %s", path)
 
     if "samples" in cfg.pictures:
-        z = torch.randn(cfg.samples.n, vae.latent_dim, generator=generator)
-        save("samples", pictures.sample_grid(vae, z, cfg.nrow))
+        save("samples", pictures.sample_grid(vae, cfg.samples.n, cfg.nrow, cfg.seed, cfg.label))
     if "reconstructions" in cfg.pictures:
-        x, _ = runs.take(dataset, range(min(cfg.reconstructions.n, len(dataset))))
-        save("reconstructions", pictures.reconstruction_grid(vae, x.to(device), cfg.nrow))
+        x, y = runs.take(dataset, range(min(cfg.reconstructions.n, len(dataset))))
+        save("reconstructions", pictures.reconstruction_grid(vae, x.to(device), cfg.nrow, y))
     if "interpolation" in cfg.pictures:
         spec = cfg.interpolation
         if spec.images:
             a, b = (read_image(p, vae.data_shape)[None] for p in spec.images)
+            ya = yb = None if cfg.label is None else torch.tensor([int(cfg.label)])
         else:
             pairs = torch.as_tensor(list(spec.indices))
-            a, b = runs.take(dataset, pairs[:, 0])[0], runs.take(dataset, pairs[:, 1])[0]
+            (a, ya), (b, yb) = runs.take(dataset, pairs[:, 0]), runs.take(dataset, pairs[:, 1])
         save("interpolation",
-             pictures.interpolation_grid(vae, a.to(device), b.to(device), spec.steps))
+             pictures.interpolation_grid(vae, a.to(device), b.to(device), spec.steps, ya, yb))
     if "manifold" in cfg.pictures or "latent_scatter" in cfg.pictures:
         n = min(cfg.latent_scatter.n, len(dataset))
         order = torch.randperm(len(dataset), generator=generator)[:n]
@@ -71,9 +78,13 @@ def generate(cfg: DictConfig) -> dict[str, Path]:
         x = x.to(device)
     if "manifold" in cfg.pictures:
         spec = cfg.manifold
-        dims = tuple(spec.dims) if spec.dims is not None else pictures.manifold_dims(vae, x)
-        images = pictures.manifold_images(vae, spec.n, spec.scale, dims)
-        save("manifold", pictures.manifold_figure(images, spec.n, spec.scale, dims))
+        dims = tuple(spec.dims) if spec.dims is not None else pictures.manifold_dims(vae, x, y)
+        label = (int(y[0]) if cfg.label is None else int(cfg.label)) if vae.conditional else None
+        labels = None if label is None else torch.full((len(x),), label)
+        columns, rows, base = pictures.manifold_axes(vae, dims, spec.n, spec.frame, x, labels)
+        images = pictures.manifold_images(vae, columns, rows, dims, base, label)
+        title = f"{spec.frame} 5%-95% quantiles" + ("" if label is None else f", class {label}")
+        save("manifold", pictures.manifold_figure(images, columns, rows, dims, title))
     if "latent_scatter" in cfg.pictures:
         save("latent_scatter", pictures.latent_scatter(vae, x, y, cfg.latent_scatter.method))
     return written

@@ -25,11 +25,11 @@ from vaelab.sweeps import ERROR_FILE
 
 log = logging.getLogger(__name__)
 
-# What TensorBoard's HParams tab lists for every run, so that runs compare side by side.
-HPARAM_KEYS = ("model._target_", "data.dataset", "data.binarize", "likelihood._target_",
-               "objective._target_",
-               "latent_dim", "beta", "mc_samples", "lr", "seed", "data.batch_size",
-               "trainer.max_epochs")
+# What TensorBoard's HParams tab lists for every run, so that runs compare side by side: the
+# groups as built (objective.beta, not the top-level `beta` that only feeds it by default).
+HPARAM_GROUPS = ("model", "likelihood", "objective", "optimizer", "scheduler")
+HPARAM_KEYS = ("latent_dim", "seed", "compile", "data._target_", "data.dataset", "data.binarize",
+               "data.batch_size", "data.image_size", "trainer.max_epochs", "trainer.precision")
 
 
 def plain(cfg: DictConfig | None) -> Any:
@@ -37,16 +37,39 @@ def plain(cfg: DictConfig | None) -> Any:
     return None if cfg is None else OmegaConf.to_container(cfg, resolve=True)
 
 
-def build_module(cfg: DictConfig, data_shape) -> VAEModule:
+def build_module(cfg: DictConfig, datamodule) -> VAEModule:
+    """The module for this config and data (its shape and, for conditional models, classes)."""
+    if cfg.model.get("conditional") and getattr(datamodule, "unlabelled", 0):
+        raise ValueError(
+            f"model.conditional=true needs a class for every image, but {datamodule.unlabelled} "
+            f"images of data.path sit directly in the folder (no class): move them into class "
+            f"subfolders, or use an unconditional model")
+    scheduler = plain(cfg.scheduler)
+    if scheduler is not None:  # plateau schedulers watch the same step-free metric
+        scheduler.setdefault("monitor", cfg.optimized_metric)
     return VAEModule(model=plain(cfg.model), likelihood=plain(cfg.likelihood),
                      objective=plain(cfg.objective), optimizer=plain(cfg.optimizer),
-                     scheduler=plain(cfg.scheduler), data_shape=list(data_shape),
-                     latent_dim=cfg.latent_dim)
+                     scheduler=scheduler, data_shape=list(datamodule.shape),
+                     latent_dim=cfg.latent_dim,
+                     num_classes=getattr(datamodule, "num_classes", None))
+
+
+def flatten(prefix: str, value: Any) -> dict[str, Any]:
+    """{"objective": {"beta": 4}} -> {"objective.beta": 4}."""
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() if key != "_partial_"
+                for k, v in flatten(f"{prefix}.{key}", item).items()}
+    return {prefix: str(value) if isinstance(value, list) else value}
 
 
 def hparams(cfg: DictConfig) -> dict[str, Any]:
-    values = {key: OmegaConf.select(cfg, key) for key in HPARAM_KEYS}
-    return {key: str(v) if isinstance(v, list | dict) else v for key, v in values.items()}
+    """The resolved groups as built, flattened, beside the run-level keys."""
+    values: dict[str, Any] = {}
+    for group in HPARAM_GROUPS:
+        values.update(flatten(group, plain(cfg.get(group))))
+    values.update({key: OmegaConf.select(cfg, key) for key in HPARAM_KEYS})
+    return {key: str(v) if isinstance(v, list | dict) else v for key, v in values.items()
+            if v is not None}
 
 
 def log_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, Any]) -> None:
@@ -86,12 +109,18 @@ def evaluate_test_set(module: VAEModule, datamodule, spec: DictConfig) -> dict[s
     return results
 
 
+def epoch_metrics(trainer: L.Trainer) -> dict[str, float]:
+    """The epoch metrics (`stage/key`), not the per-step or progress-bar-only values."""
+    return {k: float(v) for k, v in trainer.callback_metrics.items()
+            if "/" in k and not k.startswith("train_step/")}
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint, log hparams with the final metrics, write metrics.json."""
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     datamodule: L.LightningDataModule = instantiate(cfg.data)
-    module = build_module(cfg, datamodule.shape)
+    module = build_module(cfg, datamodule)
     if cfg.get("compile"):
         module.objective.compile()  # the nets are untouched: checkpoints keep their names
     ckpt_path = resume_checkpoint(cfg.get("resume"), cfg.get("ckpt_path"))
@@ -109,16 +138,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics = epoch_metrics(trainer)
     metrics["time/train_s"] = time.perf_counter() - started
     metrics["torch_threads"] = torch.get_num_threads()
     if cfg.get("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+        metrics.update(epoch_metrics(trainer))
         metrics["best_checkpoint"] = best
 
-    metrics = {k: v for k, v in metrics.items() if not k.endswith("_step")}
     if trainer.is_global_zero and cfg.get("test") and cfg.eval.nll_samples:
         metrics.update(evaluate_test_set(module, datamodule, cfg.eval))
     if trainer.is_global_zero:

@@ -127,6 +127,9 @@ class ImageFolderDataModule(TensorDataModule):
         if not self.files:
             raise FileNotFoundError(
                 f"data.path={self.root} holds no images ({', '.join(sorted(EXTENSIONS))})")
+        _, labels, classes, _ = self._layout()
+        self.num_classes = len(classes) or None  # class subfolders; None: no labels
+        self.unlabelled = labels.count(-1)  # images directly in the root (label -1)
 
     def _layout(self) -> tuple[list[str], list[int], list[str], list[str]]:
         """Per file: its split, label; and the class names."""

@@ -24,6 +24,8 @@ class MNISTDataModule(TensorDataModule):
     """
 
     shape = (1, 28, 28)
+    num_classes = 10
+    unlabelled = 0
 
     def __init__(
         self,

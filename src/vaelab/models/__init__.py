@@ -1,7 +1,9 @@
 """VAE families: `nn.Module`s only, no training logic."""
 
 from vaelab.models.conv import ConvVAE
+from vaelab.models.hierarchical import HierarchicalVAE
 from vaelab.models.mlp import MLPVAE
+from vaelab.models.priors import StandardNormal, VampPrior
 from vaelab.models.vae import VAE
 
-__all__ = ["VAE", "MLPVAE", "ConvVAE"]
+__all__ = ["VAE", "MLPVAE", "ConvVAE", "HierarchicalVAE", "StandardNormal", "VampPrior"]

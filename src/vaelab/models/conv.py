@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from vaelab.likelihoods import Likelihood
-from vaelab.models.vae import VAE, activation_class
+from vaelab.models.vae import VAE, Conditioned, activation_class, conditional_classes
 
 
 def stages_for(size: int, smallest: int = 7) -> int:
@@ -47,6 +47,9 @@ class ConvVAE(VAE):
         base_channels: int = 32,
         max_channels: int = 256,
         channels_last: bool = True,
+        conditional: bool = False,
+        num_classes: int | None = None,
+        prior=None,
     ):
         if len(data_shape) != 3:
             raise ValueError(f"model=conv needs images shaped [C, H, W], got {list(data_shape)}")
@@ -57,6 +60,8 @@ class ConvVAE(VAE):
         if not channels:
             raise ValueError("model.channels must list at least one conv width, e.g. [32, 64]")
         act = activation_class(activation)
+        classes = conditional_classes(conditional, num_classes)
+        c = classes or 0  # a CVAE's one-hot label joins the flattened features and the latent
 
         def norm(width: int) -> list[nn.Module]:
             return [nn.BatchNorm2d(width)] if batch_norm else []
@@ -68,9 +73,10 @@ class ConvVAE(VAE):
         down: list[nn.Module] = []
         for a, b in zip(widths[:-1], widths[1:], strict=True):
             down += [nn.Conv2d(a, b, 3, stride=2, padding=1), *norm(b), act()]
-        encoder = nn.Sequential(
-            *down, nn.Flatten(), nn.Linear(flat, hidden_dim), act(),
-            nn.Linear(hidden_dim, 2 * latent_dim),
+        encoder = Conditioned(
+            nn.Sequential(*down, nn.Flatten()),
+            nn.Sequential(nn.Linear(flat + c, hidden_dim), act(),
+                          nn.Linear(hidden_dim, 2 * latent_dim)),
         )
 
         up: list[nn.Module] = []
@@ -81,11 +87,11 @@ class ConvVAE(VAE):
             up += [nn.ConvTranspose2d(rev[max(i - 1, 0)], rev[i], 3, stride=2, padding=1,
                                       output_padding=pad), *norm(rev[i]), act()]
         decoder = nn.Sequential(
-            nn.Linear(latent_dim, flat), act(),
+            nn.Linear(latent_dim + c, flat), act(),
             nn.Unflatten(1, (channels[-1], hs[-1], ws[-1])),
             *up, nn.Conv2d(channels[0], c_in, 3, padding=1),
         )
-        super().__init__(encoder, decoder, likelihood, latent_dim, data_shape)
+        super().__init__(encoder, decoder, likelihood, latent_dim, data_shape, prior, classes)
         # Keras' defaults (Glorot-uniform weights, zero biases): with PyTorch's defaults the 2-D
         # model sat in posterior collapse for 3 MNIST epochs (val KL 0.0); with these, KL is 5.4
         # after the first epoch and val loss 171 after the second (206.6 before).
