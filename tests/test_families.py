@@ -260,9 +260,12 @@ def test_best_checkpoint_is_picked_by_val_nelbo_not_the_warming_loss(compose_tra
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason="no genuine MNIST")
 def test_cvae_samples_look_like_their_class_on_mnist(compose_train, tmp_path):
-    """After 3 epochs, at least 80% of class-c samples are nearest to class c's mean test image."""
+    """After 3 epochs, at least 80% of class-c samples are nearest to class c's mean test image
+    (89% measured; real test images score 82% by the same rule). With 2 latents the class can
+    only come from the label; at 8 latents z also carries it early on (53% after 3 epochs, 74%
+    after 10)."""
     cfg = compose_train(CPU, "model=cvae", "trainer.max_epochs=3", f"paths.data_dir={SHARED_DATA}",
-                        "latent_dim=8", tiny=False)
+                        "latent_dim=2", tiny=False)
     train(cfg)
     from vaelab.data import MNISTDataModule
     from vaelab.module import VAEModule

@@ -14,8 +14,11 @@ from vaelab.module import VAEModule
 CPU = "trainer.accelerator=cpu"
 
 
-@pytest.mark.parametrize("model", ["mlp", "conv"])
-@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+MODELS = [(m, lik) for m in ("mlp", "conv") for lik in ("bernoulli", "gaussian")] + [
+    ("cvae", "bernoulli"), ("cvae_conv", "gaussian"), ("vamp", "bernoulli"), ("hvae", "gaussian")]
+
+
+@pytest.mark.parametrize("model, likelihood", MODELS)
 def test_fast_dev_run(compose_train, model, likelihood):
     cfg = compose_train(f"model={model}", f"likelihood={likelihood}", "debug=fdr")
     metrics = train(cfg)
@@ -85,3 +88,21 @@ def test_checkpoint_loads_safely_without_hydra(compose_train, tmp_path):
     state = raw["state_dict"]
     assert all(torch.equal(state[k], v) for k, v in module.state_dict().items())
     assert module(torch.rand(2, 1, 28, 28)).shape == (2, 1, 28, 28)
+
+
+class LossOnly:
+    """The least an objective may return: a dict with `loss`."""
+
+    def __call__(self, vae, x, context=None, step=0):
+        q = vae.encode(x, context)
+        z = q.rsample()
+        return {"loss": (-vae.decode(z, context).log_prob(x) + vae.kl(q, z[None])[0]).mean()}
+
+
+def test_an_objective_needs_to_return_only_its_loss(compose_train, tmp_path):
+    metrics = train(compose_train(CPU, "trainer.max_epochs=1", "~objective",
+                                  "+objective._target_=tests.test_train.LossOnly",
+                                  "+optimized_metric=val/loss"))
+    assert {"train/loss", "val/loss", "test/loss"} <= set(metrics)
+    assert not any(k.endswith("/nelbo") for k in metrics)
+    assert "epoch000" in json.loads((tmp_path / "metrics.json").read_text())["best_checkpoint"]

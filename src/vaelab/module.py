@@ -94,7 +94,8 @@ class VAEModule(L.LightningModule):
         in train, val and test (and `bpd`, bits per dimension of the negative ELBO)."""
         if stage not in self._keys or not self._means(stage).update_called:
             return
-        means = dict(zip(self._keys[stage], self._means(stage).compute(), strict=True))
+        values = self._means(stage).compute().reshape(-1)  # torchmetrics squeezes one value
+        means = dict(zip(self._keys[stage], values, strict=True))
         if "nelbo" in means:
             means["bpd"] = bits_per_dim(means["nelbo"], self.vae)
         self.log_dict({f"{stage}/{k}": v for k, v in means.items()}, on_step=False,
