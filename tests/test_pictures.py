@@ -172,3 +172,20 @@ def test_generate_writes_the_documented_pngs(compose_train, tmp_path, latent_dim
     row = np.asarray(Image.open(tmp_path / "files" / "interpolation.png").convert("L"))
     assert row.shape == (32, 11 * 30 + 2)
     assert row[2:30, 2:30].max() == 0 and row[2:30, -30:-2].min() == 255  # a black, b white
+
+
+@pytest.mark.parametrize("val_size, latent_dim", [(1, 1), (3, 2), (5, 4)])
+def test_pictures_on_tiny_splits_draw_what_they_can_and_never_stop_the_run(
+        compose_train, tmp_path, val_size, latent_dim):
+    """One or an odd few validation images, a 1-D latent: every picture is drawn or skipped with
+    a warning, and the run still tests and writes metrics.json."""
+    cfg = compose_train("trainer.accelerator=cpu", "trainer.max_epochs=1",
+                        f"latent_dim={latent_dim}", f"data.val_size={val_size}")
+    train(cfg)
+    assert (tmp_path / "metrics.json").is_file()
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    drawn = set(events.Tags()["images"])
+    assert {"pictures/reconstructions", "pictures/samples", "pictures/manifold",
+            "pictures/latent_scatter"} <= drawn
+    assert ("pictures/interpolations" in drawn) == (val_size >= 2)  # a pair needs two images

@@ -235,3 +235,96 @@ def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(compos
     checkpoint = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 5  # the end of epoch 1: 80 images / 16 per batch
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
+
+
+def payloads(victim: Path, marker: Path) -> dict[str, dict]:
+    """Specs that write, truncate or run something when handed to Hydra's instantiate: plain
+    dicts and strings only, so weights_only=True loads them without complaint."""
+    return {
+        "open": {"_target_": "builtins.open", "file": str(victim), "mode": "w"},
+        "system": {"_target_": "os.system", "_args_": [f"touch {marker}"]},
+        "subprocess": {"_target_": "subprocess.run", "args": ["touch", str(marker)]},
+        "write_text": {"_target_": "pathlib.Path.write_text",
+                       "_args_": [{"_target_": "pathlib.Path", "_args_": [str(victim)]}, "x"]},
+        "nested": {"_target_": "vaelab.objectives.ELBO",
+                   "beta": {"_target_": "builtins.open", "file": str(victim), "mode": "w"}},
+    }
+
+
+def refused_everywhere(calls, victim: Path, marker: Path) -> None:
+    from vaelab.loadable import UnsafeSpecError
+
+    for name, call in calls.items():
+        with pytest.raises(UnsafeSpecError, match="does not load from files"):
+            call()
+        assert victim.read_text() == "precious", name
+        assert not marker.exists(), name
+
+
+@pytest.mark.parametrize("payload", ["open", "system", "subprocess", "write_text", "nested"])
+@pytest.mark.parametrize("key", ["objective", "model", "optimizer"])
+def test_checkpoint_hyperparameters_may_not_name_code(compose_train, mlp_run, tmp_path, payload,
+                                                      key):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from vaelab.cli import config_dir
+    from vaelab.cli.eval import evaluate
+    from vaelab.cli.generate import generate
+    from vaelab.module import VAEModule
+
+    victim, marker = tmp_path / "victim.txt", tmp_path / "marker"
+    victim.write_text("precious")
+    checkpoint = torch.load(mlp_run / "checkpoints" / "last.ckpt", weights_only=True)
+    spec = payloads(victim, marker)[payload]
+    checkpoint["hyper_parameters"][key] = spec if key != "model" else {
+        **checkpoint["hyper_parameters"]["model"], "prior": spec}
+    evil = mlp_run / "checkpoints" / "evil.ckpt"
+    torch.save(checkpoint, evil)
+    train_cfg = compose_train(CPU, f"ckpt_path={evil}", output_dir=tmp_path / "again")
+
+    def tool(name, *overrides):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            return compose(name, overrides=[f"ckpt_path={evil}", f"run_dir={mlp_run}",
+                                            *overrides])
+
+    refused_everywhere({
+        "load_from_checkpoint": lambda: VAEModule.load_from_checkpoint(evil, weights_only=True),
+        "resume": lambda: train(train_cfg),
+        "generate": lambda: generate(tool("generate", "pictures=[samples]")),
+        "eval": lambda: evaluate(tool("eval", "nll_samples=2")),
+    }, victim, marker)
+
+
+@pytest.mark.parametrize("payload", ["open", "system", "nested"])
+def test_a_run_dirs_config_may_not_name_code(compose_train, tmp_path, payload):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from vaelab.cli import config_dir
+    from vaelab.cli.eval import evaluate
+    from vaelab.cli.generate import generate
+
+    run = tmp_path / "run"
+    cfg = compose_train(CPU, "trainer.max_epochs=1", *NO_PICTURES, output_dir=run)
+    train(cfg)
+    victim, marker = tmp_path / "victim.txt", tmp_path / "marker"
+    victim.write_text("precious")
+    saved = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
+                                   resolve=True)
+    saved["data"] = {**payloads(victim, marker)[payload], "_args_": [[1, 2]]} \
+        if payload == "nested" else payloads(victim, marker)[payload]
+    (run / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.create(saved), run / ".hydra" / "config.yaml")
+
+    def tool(name, *overrides):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            return compose(name, overrides=[f"run_dir={run}", *overrides])
+
+    refused_everywhere({
+        "generate": lambda: generate(tool("generate", "pictures=[reconstructions]")),
+        "eval": lambda: evaluate(tool("eval", "nll_samples=2")),
+    }, victim, marker)

@@ -13,6 +13,8 @@ import torch
 from hydra.utils import instantiate
 from torchmetrics import Metric
 
+from vaelab import loadable
+from vaelab.checkpointing import read_checkpoint
 from vaelab.evaluation import bits_per_dim
 from vaelab.models.vae import VAE
 
@@ -67,6 +69,13 @@ class VAEModule(L.LightningModule):
         self.means = torch.nn.ModuleDict({f"{stage}_means": EpochMeans() for stage in STAGES})
         self._keys: dict[str, list[str]] = {}
         self._rng_states: dict | None = None  # from a checkpoint, applied in on_train_start
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """Lightning's loader, after refusing hyperparameters that name code vaelab does not
+        declare loadable (weights_only=True alone would still hand them to `instantiate`)."""
+        loadable.check(read_checkpoint(checkpoint_path)["hyper_parameters"], checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def _means(self, stage: str) -> EpochMeans:
         return self.means[f"{stage}_means"]

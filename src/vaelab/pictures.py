@@ -20,7 +20,7 @@ from vaelab.models.vae import VAE  # noqa: E402
 SCATTER_METHODS = ("pca", "tsne")
 MANIFOLD_FRAMES = ("prior", "posterior")
 QUANTILES = (0.05, 0.95)  # the manifold's extent, as in Kingma & Welling's figure 4
-DECODE_CHUNK = 64  # images decoded at once: memory does not grow with a picture's size
+CHUNK = 64  # images encoded or decoded at once: memory does not grow with a picture's size
 
 
 def as_images(x: torch.Tensor) -> torch.Tensor:
@@ -36,23 +36,31 @@ def context_of(vae: VAE, labels: torch.Tensor | None) -> torch.Tensor | None:
     return labels.to(vae.device)
 
 
+def chunks(*tensors: torch.Tensor | None):
+    """The tensors' rows CHUNK at a time (None stays None)."""
+    for start in range(0, len(tensors[0]), CHUNK):
+        yield [None if t is None else t[start:start + CHUNK] for t in tensors]
+
+
 @torch.no_grad()
 def decode_means(vae: VAE, z: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-    """Display images of p(x|z) means for latents [N, D], DECODE_CHUNK at a time."""
-    parts = []
-    for start in range(0, len(z), DECODE_CHUNK):
-        c = None if context is None else context[start:start + DECODE_CHUNK].to(vae.device)
-        parts.append(as_images(vae.decode(z[start:start + DECODE_CHUNK].to(vae.device), c).mean))
-    return torch.cat(parts)
+    """Display images of p(x|z) means for latents [N, D], CHUNK at a time."""
+    return torch.cat([as_images(vae.decode(zc.to(vae.device), c).mean)
+                      for zc, c in chunks(z, context)])
+
+
+@torch.no_grad()
+def encode_means(vae: VAE, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Posterior means [N, D] of images x, CHUNK at a time."""
+    context = context_of(vae, labels)
+    return torch.cat([vae.encode(xc.to(vae.device), c).mean for xc, c in chunks(x, context)])
 
 
 @torch.no_grad()
 def reconstruction_grid(vae: VAE, x: torch.Tensor, nrow: int = 8,
                         labels: torch.Tensor | None = None) -> torch.Tensor:
     """Rows of `nrow` inputs, each row followed by their reconstructions (the likelihood mean)."""
-    context = context_of(vae, labels)
-    q_means = vae.encode(x, context).mean
-    recon = decode_means(vae, q_means, context)
+    recon = decode_means(vae, encode_means(vae, x, labels), context_of(vae, labels))
     rows = []
     for start in range(0, len(x), nrow):
         rows += [as_images(x[start:start + nrow]), recon[start:start + nrow]]
@@ -85,7 +93,7 @@ def sample_grid(vae: VAE, n: int = 64, nrow: int = 8, seed: int = 0,
 def most_active_dims(vae: VAE, x: torch.Tensor, k: int = 2,
                      labels: torch.Tensor | None = None) -> list[int]:
     """The k latent units whose posterior mean varies most over x (Burda et al.'s activity)."""
-    activity = vae.encode(x, context_of(vae, labels)).mean.var(0)
+    activity = encode_means(vae, x, labels).var(0)
     return activity.topk(min(k, vae.latent_dim)).indices.sort().values.tolist()
 
 
@@ -116,7 +124,7 @@ def manifold_axes(vae: VAE, dims: tuple[int, int], n: int = 20, frame: str = "pr
     if frame == "posterior":
         if x is None or len(x) < 2:
             raise ValueError("the posterior frame needs at least 2 images")
-        means = vae.encode(x, context_of(vae, labels)).mean.float()
+        means = encode_means(vae, x, labels).float()
         values = torch.quantile(means, levels, dim=0)
     else:
         values = vae.prior_quantiles(levels, context_of(vae, None if labels is None
@@ -195,7 +203,7 @@ def scatter_figure(points: torch.Tensor, labels: torch.Tensor | None, title: str
 @torch.no_grad()
 def latent_scatter(vae: VAE, x: torch.Tensor, labels: torch.Tensor | None,
                    method: str = "pca") -> Figure:
-    means = vae.encode(x, context_of(vae, labels)).mean
+    means = encode_means(vae, x, labels)
     if vae.latent_dim == 1:
         means = torch.cat([means, torch.zeros_like(means)], -1)
         title, names = "posterior means (1-D)", ("z[0]", "")
@@ -214,16 +222,16 @@ def interpolation_grid(vae: VAE, a: torch.Tensor, b: torch.Tensor, steps: int = 
                        labels_b: torch.Tensor | None = None) -> torch.Tensor:
     """One row per pair: a, decodings along the straight line between the latent means, b. A
     conditional model's one-hot label moves along the same line."""
-    pairs = min(len(a), len(b))
+    pairs = min(len(a), len(b))  # an odd number of images leaves the last one out
     a, b = a[:pairs], b[:pairs]
-    ca = context_of(vae, None if labels_a is None else labels_a[:pairs])
-    cb = context_of(vae, None if labels_b is None else labels_b[:pairs])
-    za, zb = vae.encode(a, ca).mean, vae.encode(b, cb).mean
+    labels_a = None if labels_a is None else labels_a[:pairs]
+    labels_b = None if labels_b is None else labels_b[:pairs]
+    za, zb = encode_means(vae, a, labels_a), encode_means(vae, b, labels_b)
     t = torch.linspace(0, 1, steps, device=za.device)[None, :, None]
     z = za[:, None] + t * (zb - za)[:, None]  # [pairs, steps, latent]
     context = None
-    if ca is not None:
-        ha, hb = vae.one_hot(ca), vae.one_hot(cb)
+    if vae.conditional:
+        ha, hb = (vae.one_hot(context_of(vae, y)) for y in (labels_a, labels_b))
         context = (ha[:, None] + t * (hb - ha)[:, None]).flatten(0, 1)
     decoded = decode_means(vae, z.flatten(0, 1), context).unflatten(0, (pairs, steps))
     rows = torch.cat([as_images(a)[:, None], decoded, as_images(b)[:, None]], dim=1)

@@ -11,6 +11,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from vaelab import loadable
 from vaelab.checkpointing import read_checkpoint
 from vaelab.module import VAEModule
 
@@ -58,14 +59,18 @@ def load_module(ckpt: Path, device_name: str = "cpu") -> tuple[VAEModule, int]:
     """The trained module in eval mode and the step it was saved at, loaded with
     weights_only=True (no pickled code runs). `device_name` may be `auto`."""
     checkpoint = read_checkpoint(ckpt)
+    loadable.check(checkpoint["hyper_parameters"], ckpt)
     module = VAEModule(**checkpoint["hyper_parameters"])
     module.load_state_dict(checkpoint["state_dict"])
     return module.to(device(device_name)).eval(), int(checkpoint.get("global_step", 0))
 
 
 def load_split(cfg: DictConfig, split: str):
-    """One split (train / val / test) of the run's own DataModule."""
-    datamodule = instantiate(cfg.data)
+    """One split (train / val / test) of the run's own DataModule (a run dir is untrusted: its
+    data spec is checked, then exactly what was checked is built)."""
+    spec = OmegaConf.to_container(cfg.data, resolve=True)
+    loadable.check(spec, "the run's data config (.hydra/config.yaml)")
+    datamodule = instantiate(spec)
     datamodule.prepare_data()
     datamodule.setup()
     sets = {"train": "train_set", "val": "val_set", "test": "test_set"}

@@ -188,7 +188,6 @@ class EmbeddingProjector(Picture):
 
     def draw(self, writer, vae, trainer, module):
         x, y = self.fixed_batch(trainer, module)
-        with torch.no_grad():
-            means = vae.encode(x, pictures.context_of(vae, y)).mean.cpu()
+        means = pictures.encode_means(vae, x, y).cpu()
         writer.add_embedding(means, metadata=y.tolist(), label_img=pictures.as_images(x),
                              global_step=trainer.global_step, tag=self.tag)

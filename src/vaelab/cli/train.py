@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from vaelab import evaluation, runs
+from vaelab import evaluation, loadable, runs
 from vaelab.checkpointing import check_same_architecture, read_checkpoint, remove_partial_files
 from vaelab.cli import LAUNCH_DDP_ENV, config_dir, resume_checkpoint
 from vaelab.module import VAEModule
@@ -127,6 +127,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     resume_step = None
     if ckpt_path:  # refuse a wrong or unsafe checkpoint before any training
         checkpoint = read_checkpoint(ckpt_path)
+        loadable.check(checkpoint["hyper_parameters"], ckpt_path)
         check_same_architecture(checkpoint, dict(module.hparams), ckpt_path)
         resume_step = checkpoint.get("global_step")
         remove_partial_files(Path(ckpt_path).parent)
