@@ -187,3 +187,43 @@ def test_fast_dev_run_on_colour_images(compose_train, folder, tmp_path, size):
     assert np.isfinite(metrics["test/nelbo"]) and metrics["test/bpd"] > 0
     seed = compose_train("experiment=seed002_products", f"data.path={folder}", tiny=False)
     assert seed.data.image_size == 128 and seed.model.batch_norm
+
+
+def test_odd_names_and_broken_links_are_skipped_or_read(tmp_path, caplog):
+    import os
+
+    for i in range(6):
+        save(tmp_path / "a" / f"{i}.png", np.full((8, 8, 3), 30 * i, np.uint8))
+    odd = os.fsencode(str(tmp_path / "a")) + b"/caf\xe9.png"  # Latin-1, not valid UTF-8
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(odd.decode(errors="surrogateescape"))
+    (tmp_path / "a" / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "a" / "loop.png").symlink_to(tmp_path / "a" / "loop.png")
+    (tmp_path / "a" / "up").symlink_to(tmp_path, target_is_directory=True)  # a folder loop
+    with caplog.at_level(logging.WARNING):
+        dm = datamodule(tmp_path, val_fraction=0.0, test_fraction=0.0)
+    assert len(dm.train_set) == 7  # the six, and the odd name
+    assert "2 links" in caplog.text
+
+
+def test_a_damaged_cache_is_rebuilt_and_a_read_only_folder_caches_elsewhere(tmp_path,
+                                                                          monkeypatch):
+    import vaelab.data.image_folder as image_folder
+
+    for i in range(5):
+        save(tmp_path / "imgs" / f"{i}.png", np.full((8, 8, 3), 40 * i, np.uint8))
+    first = datamodule(tmp_path / "imgs", val_fraction=0.0, test_fraction=0.0)
+    (ok,) = (tmp_path / "imgs" / ".vaelab_cache").glob("*.ok.npy")
+    ok.write_bytes(ok.read_bytes()[:10])  # as a crash mid-write would have left it
+    again = datamodule(tmp_path / "imgs", val_fraction=0.0, test_fraction=0.0)
+    assert torch.equal(again.train_set.images, first.train_set.images)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
+    monkeypatch.setattr(image_folder, "writable_dir", lambda path: False)
+    elsewhere = datamodule(tmp_path / "imgs", val_fraction=0.0, test_fraction=0.0)
+    assert str(elsewhere.cache_dir).startswith(str(tmp_path / "home-cache"))
+    assert list(elsewhere.cache_dir.glob("*.npy"))
+
+
+def test_a_folder_whose_images_all_went_to_validation_says_so(tmp_path):
+    save(tmp_path / "one.png", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="fell into the training split.*set both to 0"):
+        datamodule(tmp_path, val_fraction=0.5, test_fraction=0.49, seed=1)

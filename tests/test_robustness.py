@@ -1,6 +1,7 @@
 """Runs that survive: resume, kills, SIGTERM, reproducibility, bad input, NaNs, unsafe files."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -127,6 +128,10 @@ def test_same_seed_same_numbers_other_seed_other_numbers(compose_train, tmp_path
     ("latent_dim=0", ["latent_dim", ">= 1"]),
     ("beta=-1", ["beta", ">= 0"]),
     ("mc_samples=0", ["mc_samples", ">= 1"]),
+    ("latent_dim=2.5", ["latent_dim", "whole number"]),
+    ("latent_dim=abc", ["latent_dim", "whole number", "'abc'"]),
+    ("mc_samples=2.5", ["mc_samples", "whole number"]),
+    ("beta=nan", ["beta", "finite"]),
     ("data.batch_size=0", ["data.batch_size", ">= 1"]),
     ("data.binarize=yes", ["data.binarize", "dynamic"]),
     ("model.activation=swish", ["model.activation", "relu"]),
@@ -328,3 +333,114 @@ def test_a_run_dirs_config_may_not_name_code(compose_train, tmp_path, payload):
         "generate": lambda: generate(tool("generate", "pictures=[reconstructions]")),
         "eval": lambda: evaluate(tool("eval", "nll_samples=2")),
     }, victim, marker)
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    from vaelab import cli
+
+    monkeypatch.setattr(cli, "_CLAIMED", {})
+    first = cli.run_dir(None, None, str(tmp_path / "12-00-00"))
+    assert cli.run_dir(None, None, str(tmp_path / "12-00-00")) == first  # one process: stable
+    monkeypatch.setattr(cli, "_CLAIMED", {})  # another process, the same second
+    second = cli.run_dir(None, None, str(tmp_path / "12-00-00"))
+    assert second == f"{first}_2" and Path(first).is_dir() and Path(second).is_dir()
+
+
+def test_a_missing_checkpoint_fails_and_leaves_nothing_behind(data_dir, tmp_path):
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "train.py", f"ckpt_path={run}/checkpoints/last.ckpt", *TINY],
+        cwd=ROOT, env={**os.environ, "VAELAB_DATA_DIR": str(data_dir)}, capture_output=True,
+        text=True, timeout=300)
+    assert result.returncode != 0 and "does not exist" in result.stderr
+    assert not run.exists()
+
+
+def test_resuming_a_finished_run_keeps_its_metrics(compose_train, mlp_run, tmp_path):
+    before = json.loads((mlp_run / "metrics.json").read_text())
+    train(compose_train(CPU, "trainer.max_epochs=1", *NO_PICTURES, f"resume={mlp_run}",
+                        output_dir=mlp_run))
+    after = json.loads((mlp_run / "metrics.json").read_text())
+    assert after["train/loss"] == before["train/loss"] and after["val/nelbo"] == before[
+        "val/nelbo"]
+    assert after["time/train_s"] >= before["time/train_s"]
+
+
+def test_a_copied_run_dir_never_uses_the_originals_checkpoint(mlp_run, tmp_path):
+    import shutil
+
+    from vaelab import runs
+
+    copy = tmp_path / "copy"
+    shutil.copytree(mlp_run, copy)
+    assert runs.resolve(str(copy), None)[1].parent == copy / "checkpoints"  # relative: its own
+    metrics = json.loads((copy / "metrics.json").read_text())
+    metrics["best_checkpoint"] = str((mlp_run / "checkpoints" / "last.ckpt").resolve())
+    (copy / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(FileNotFoundError, match="outside"):
+        runs.resolve(str(copy), None)
+
+
+@pytest.mark.parametrize("override", ["chunk=0", "nll_samples=0", "batch_size=-1", "limit=0"])
+def test_bad_eval_values_name_the_key(mlp_run, override):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from vaelab.cli import config_dir
+    from vaelab.cli.eval import evaluate
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("eval", overrides=[f"run_dir={mlp_run}", override])
+    with pytest.raises(ValueError, match=f"{override.split('=')[0]} must be a whole number"):
+        evaluate(cfg)
+
+
+def test_zero_epochs_is_refused(compose_train):
+    with pytest.raises(ValueError, match="trainer.max_epochs=0"):
+        train(compose_train(CPU, "trainer.max_epochs=0"))
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda b: b[:-100], "truncated or corrupt"),
+    (lambda b: b[:6], "inside its header"),
+    (lambda b: b"\x00\x00\x0d\x03" + b[4:], "not an IDX file"),
+])
+def test_a_damaged_idx_file_is_named(compose_train, data_dir, tmp_path, damage, words):
+    import shutil
+
+    from hydra.utils import instantiate
+
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    victim = copy / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    victim.write_bytes(damage(victim.read_bytes()))
+    datamodule = instantiate(compose_train(CPU, f"paths.data_dir={copy}").data)
+    with pytest.raises(ValueError, match=words) as err:
+        datamodule.prepare_data()
+    assert "t10k-images-idx3-ubyte" in str(err.value)
+
+
+def test_a_checkpoint_saved_with_the_weights_that_gave_a_nan_is_rolled_back(compose_train,
+                                                                             tmp_path):
+    """With last.ckpt saved every step, the weights that give the NaN at step 7 were saved at
+    step 7: last.ckpt goes back to step 6, and a resume from it trains on."""
+    common = [CPU, *NO_PICTURES, "callbacks.periodic_checkpoint.every_n_train_steps=1"]
+    with pytest.raises(FloatingPointError, match="rolled back to step 6: resume from it"):
+        train(compose_train(*common, "trainer.max_epochs=5",
+                            "+callbacks.poison._target_=tests.test_robustness.PoisonWeights",
+                            "+callbacks.poison.step=7"))
+    assert read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 6
+    resumed = train(compose_train(*common, "trainer.max_epochs=3", f"resume={tmp_path}",
+                                  output_dir=tmp_path))
+    assert math.isfinite(resumed["val/nelbo"])
+    assert not (tmp_path / "checkpoints" / ".last.previous.ckpt").exists()
+
+
+def test_a_run_that_diverges_at_once_keeps_no_bad_checkpoint(compose_train, tmp_path):
+    """lr=1e3: the first update already gives inf; the last.ckpt holding it is removed."""
+    with pytest.raises(FloatingPointError, match="global step 1 .*was removed; start again"):
+        train(compose_train(CPU, *NO_PICTURES, "trainer.max_epochs=5", "lr=1e3",
+                            "likelihood=gaussian", "optimizer.fused=false",
+                            "callbacks.periodic_checkpoint.every_n_train_steps=1"))
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()

@@ -16,7 +16,7 @@ from vaelab.cli import config_dir, is_sweep, sweep_subdir
 from vaelab.sweeps import summarize
 
 
-def train_py(args, data_dir, cwd, timeout=600):
+def train_py(args, data_dir, cwd, timeout=600, status=0):
     """`python train.py ...` from `cwd`, so that default outputs/ land in a temporary folder."""
     env = {**os.environ, "VAELAB_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
     flags = [a for a in args if a == "-m"]  # flags before overrides
@@ -24,7 +24,7 @@ def train_py(args, data_dir, cwd, timeout=600):
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, *TINY,
                              "trainer.max_epochs=1", *overrides], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert result.returncode == status, (result.stdout + result.stderr)[-4000:]
     return result
 
 
@@ -67,10 +67,13 @@ def test_a_2x2_multirun_names_its_jobs_and_summarizes_itself(data_dir, tmp_path)
 
 def test_a_failed_job_is_a_row_not_a_crash(data_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    train_py(["-m", "latent_dim=2,0", f"hydra.sweep.dir={sweep}"], data_dir, tmp_path)
+    result = train_py(["-m", "latent_dim=2,0", f"hydra.sweep.dir={sweep}"], data_dir, tmp_path,
+                      status=1)  # the sweep goes on, summarizes, then says a job failed
+    assert "1 of 2 jobs failed (1_latent_dim=0)" in result.stdout + result.stderr
     table = {r["latent_dim"]: r for r in rows(sweep)}
     assert table["2"]["status"] == "ok"
-    assert table["0"]["status"] == "failed: ValueError: latent_dim must be >= 1, got 0"
+    assert table["0"]["status"] == \
+        "failed: ValueError: latent_dim must be a whole number >= 1, got 0"
     assert "failed: ValueError" in (sweep / "summary.md").read_text()
 
 

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
 TEMPORARY_SUFFIX = ".partial"
+PREVIOUS_LAST = ".last.previous.ckpt"  # the last.ckpt before the newest, until it proves good
 
 
 class CheckpointError(ValueError):
@@ -26,6 +27,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     A process killed at any moment leaves the previous checkpoint intact (rename is atomic on one
     file system); Lightning's own writer may copy across file systems from the system temp dir.
+    The last.ckpt being replaced stays as `.last.previous.ckpt` (a hard link, no copy): its
+    weights produced a finite loss, which the newest ones have not yet shown (see
+    `roll_back_last`).
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
@@ -37,6 +41,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, file)
                 file.flush()
                 os.fsync(file.fileno())
+            if path.name == "last.ckpt" and path.is_file():
+                previous = path.with_name(f".previous.{os.getpid()}{TEMPORARY_SUFFIX}")
+                os.link(path, previous)
+                os.replace(previous, path.with_name(PREVIOUS_LAST))
             os.replace(temporary, path)
         finally:
             temporary.unlink(missing_ok=True)
@@ -49,6 +57,23 @@ def remove_partial_files(directory: Path) -> list[Path]:
         path.unlink()
         log.warning("removed %s, left by a run killed while saving", path)
     return stale
+
+
+def roll_back_last(directory: Path, bad_step: int) -> str:
+    """After a non-finite loss at `bad_step`: a last.ckpt saved at that step holds the weights
+    that produced it, so the one before it becomes last.ckpt again. Returns what to tell."""
+    last, previous = Path(directory) / "last.ckpt", Path(directory) / PREVIOUS_LAST
+    if not last.is_file():
+        return "no checkpoint was saved yet"
+    if read_checkpoint(last).get("global_step", -1) < bad_step:
+        return f"resume from {last}"
+    if not previous.is_file():
+        last.unlink()
+        return f"{last} held the weights that gave it and was removed; start again"
+    os.replace(previous, last)
+    step = read_checkpoint(last).get("global_step")
+    return f"{last} held the weights that gave it and was rolled back to step {step}: resume " \
+           f"from it"
 
 
 def periodic_checkpoint(dirpath: str, every_n_train_steps: int | None = None,

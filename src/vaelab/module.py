@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from torchmetrics import Metric
 
 from vaelab import loadable
-from vaelab.checkpointing import read_checkpoint
+from vaelab.checkpointing import read_checkpoint, roll_back_last
 from vaelab.evaluation import bits_per_dim
 from vaelab.models.vae import VAE
 
@@ -56,8 +56,8 @@ class VAEModule(L.LightningModule):
         num_classes: int | None = None,
     ):
         super().__init__()
-        if latent_dim < 1:
-            raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
+        if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
+            raise ValueError(f"latent_dim must be a whole number >= 1, got {latent_dim!r}")
         # Logged to TensorBoard's HParams tab once, with the final metrics (see cli/train.py).
         self.save_hyperparameters(logger=False)
         # Only a conditional model is told the class count (the data's, see cli/train.py).
@@ -118,17 +118,25 @@ class VAEModule(L.LightningModule):
         out = self._step(batch, "train")
         loss = out["loss"]
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss ({loss.item()}) at global step {self.global_step} "
-                f"(epoch {self.current_epoch}); training stopped before the weights changed, and "
-                f"the last good checkpoint is kept. Try a lower lr, gradient clipping "
-                f"(trainer.gradient_clip_val=1.0) or trainer.precision=32-true.")
+            self._stop(f"non-finite training loss ({loss.item()})")
         if self._logs_this_step():
             self.log_dict({f"train_step/{k}": v.detach().float() for k, v in out.items()},
                           on_step=True, on_epoch=False, batch_size=len(batch[0]))
             self.log("loss", loss.detach(), prog_bar=True, logger=False, on_step=True,
                      on_epoch=False, batch_size=len(batch[0]))
         return loss
+
+    def _stop(self, what: str) -> None:
+        """Stop before the weights change. The current weights made the non-finite value, so a
+        last.ckpt saved with them is rolled back to the one before (rank zero writes files)."""
+        callback = self.trainer.checkpoint_callback
+        where = "no checkpoint is written"
+        if callback is not None and callback.dirpath and self.trainer.is_global_zero:
+            where = roll_back_last(callback.dirpath, self.global_step)
+        raise FloatingPointError(
+            f"{what} at global step {self.global_step} (epoch {self.current_epoch}); training "
+            f"stopped before the weights changed; {where}. Try a lower lr, gradient clipping "
+            f"(trainer.gradient_clip_val=1.0) or trainer.precision=32-true.")
 
     def on_train_epoch_end(self):
         self._log_epoch("train")
@@ -146,11 +154,7 @@ class VAEModule(L.LightningModule):
         norm = torch.nn.utils.get_total_norm(grads)
         if getattr(self.trainer.precision_plugin, "scaler", None) is None and not torch.isfinite(
                 norm):
-            raise FloatingPointError(
-                f"non-finite gradient norm ({norm.item()}) at global step {self.global_step} "
-                f"(epoch {self.current_epoch}); training stopped before the weights changed, and "
-                f"the last good checkpoint is kept. Try a lower lr or gradient clipping "
-                f"(trainer.gradient_clip_val=1.0).")
+            self._stop(f"non-finite gradient norm ({norm.item()})")
         if self._logs_this_step():
             self.log("train_step/grad_norm", norm, on_step=True, on_epoch=False)
 

@@ -17,7 +17,8 @@ from vaelab.module import VAEModule
 
 
 def resolve(run_dir: str | None, ckpt_path: str | None) -> tuple[Path, Path]:
-    """(run dir, checkpoint): the best checkpoint named in metrics.json, else last.ckpt."""
+    """(run dir, checkpoint): the best checkpoint named in metrics.json, else last.ckpt, both
+    inside the run dir. A checkpoint elsewhere is used only when `ckpt_path=` names it."""
     if ckpt_path:
         ckpt = Path(ckpt_path).expanduser()
         if not ckpt.is_file():
@@ -31,9 +32,14 @@ def resolve(run_dir: str | None, ckpt_path: str | None) -> tuple[Path, Path]:
         raise FileNotFoundError(f"run_dir={run} does not exist")
     metrics = run / "metrics.json"
     best = json.loads(metrics.read_text()).get("best_checkpoint") if metrics.is_file() else None
-    for candidate in (best, run / "checkpoints" / "last.ckpt"):
-        if candidate and Path(candidate).is_file():
-            return run, Path(candidate)
+    for candidate in (best and run / best, run / "checkpoints" / "last.ckpt"):
+        if not candidate or not candidate.is_file():
+            continue
+        if run.resolve() not in candidate.resolve().parents:
+            raise FileNotFoundError(
+                f"{metrics} names {best}, outside {run} (a copied run dir?); give "
+                f"ckpt_path= to use a checkpoint from elsewhere")
+        return run, candidate
     raise FileNotFoundError(f"no checkpoint in {run}/checkpoints: was the run trained?")
 
 

@@ -131,7 +131,13 @@ def summarize(sweep_dir: str | Path) -> list[dict[str, Any]]:
 
 
 class SummarizeSweep(Callback):
-    """Hydra callback: summarize the sweep dir when a multirun ends."""
+    """Hydra callback: summarize the sweep dir when a multirun ends; then exit with status 1 if
+    any job failed, so that scripts and schedulers see it (the summary is written first)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        summarize(config.hydra.sweep.dir)
+        rows = summarize(config.hydra.sweep.dir)
+        failed = [r["job"] for r in rows if r["status"].startswith("failed")]
+        if failed:
+            log.error("%d of %d jobs failed (%s): see %s", len(failed), len(rows),
+                      ", ".join(failed), Path(config.hydra.sweep.dir) / "summary.md")
+            raise SystemExit(1)

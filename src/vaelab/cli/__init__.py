@@ -18,12 +18,36 @@ def resume_checkpoint(resume: str | None, ckpt_path: str | None) -> str | None:
     return ckpt_path or (str(Path(resume) / "checkpoints" / "last.ckpt") if resume else None)
 
 
+_CLAIMED: dict[str, str] = {}  # per process: Hydra may resolve the run dir more than once
+
+
+def claim(new: str) -> str:
+    """Make a new run's folder now, so that a run started in the same second gets its own
+    (`<time>_2`, `<time>_3`, ...): mkdir either creates a folder or fails, never shares one."""
+    if new not in _CLAIMED:
+        candidate, n = new, 1
+        while True:
+            try:
+                Path(candidate).mkdir(parents=True)
+                break
+            except FileExistsError:
+                n += 1
+                candidate = f"{new}_{n}"
+        _CLAIMED[new] = candidate
+    return _CLAIMED[new]
+
+
 def run_dir(resume: str | None, ckpt_path: str | None, new: str) -> str:
-    """A resumed run continues in the folder its checkpoint came from; others get `new`."""
+    """A resumed run continues in the folder its checkpoint came from; others get a folder of
+    their own under `new`. A checkpoint that does not exist is an error before anything is
+    written."""
     ckpt = resume_checkpoint(resume, ckpt_path)
+    if ckpt and not Path(ckpt).expanduser().is_file():
+        key = "resume" if resume and not ckpt_path else "ckpt_path"
+        raise FileNotFoundError(f"{key}: checkpoint {ckpt} does not exist")
     if ckpt and Path(ckpt).parent.name == "checkpoints":
         return str(Path(ckpt).parent.parent)
-    return new
+    return claim(new)
 
 
 def config_subdir(resume: str | None, ckpt_path: str | None, now: str) -> str:

@@ -18,7 +18,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from vaelab import evaluation, loadable, runs
-from vaelab.checkpointing import check_same_architecture, read_checkpoint, remove_partial_files
+from vaelab.checkpointing import (
+    PREVIOUS_LAST,
+    check_same_architecture,
+    read_checkpoint,
+    remove_partial_files,
+)
 from vaelab.cli import LAUNCH_DDP_ENV, config_dir, resume_checkpoint
 from vaelab.module import VAEModule
 from vaelab.sweeps import ERROR_FILE
@@ -117,6 +122,9 @@ def epoch_metrics(trainer: L.Trainer) -> dict[str, float]:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint, log hparams with the final metrics, write metrics.json."""
+    if cfg.trainer.get("max_epochs") == 0:
+        raise ValueError("trainer.max_epochs=0 trains nothing; give at least 1 (or -1 with "
+                         "trainer.max_time for a time budget)")
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     datamodule: L.LightningDataModule = instantiate(cfg.data)
@@ -139,23 +147,56 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    if trainer.checkpoint_callback and trainer.checkpoint_callback.dirpath:
+        # fit ended well: last.ckpt is good, the fallback kept for a NaN is not needed
+        (Path(trainer.checkpoint_callback.dirpath) / PREVIOUS_LAST).unlink(missing_ok=True)
     metrics = epoch_metrics(trainer)
     metrics["time/train_s"] = time.perf_counter() - started
     metrics["torch_threads"] = torch.get_num_threads()
     if cfg.get("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
-        metrics.update(epoch_metrics(trainer))
-        metrics["best_checkpoint"] = best
+        tested = epoch_metrics(trainer)
+        if not any(k.startswith("test/") for k in tested):
+            log.warning("the test split is empty: no test/* metrics (data.test_fraction, or a "
+                        "test/ folder, gives it images)")
+        metrics.update(tested)
+        # relative to the run dir, so a copied or moved run dir finds its own checkpoint
+        metrics["best_checkpoint"] = relative_to(best, output_dir) if best else ""
 
     if trainer.is_global_zero and cfg.get("test") and cfg.eval.nll_samples:
         metrics.update(evaluate_test_set(module, datamodule, cfg.eval))
     if trainer.is_global_zero:
         log_hparams(trainer, cfg, metrics)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        log.info("metrics written to %s", output_dir / "metrics.json")
+        write_metrics(output_dir / "metrics.json", metrics)
     return metrics
+
+
+def relative_to(path: str, folder: Path) -> str:
+    """`path` relative to `folder` when it lies inside it, else as it is."""
+    try:
+        return str(Path(path).resolve().relative_to(folder.resolve()))
+    except ValueError:
+        return path
+
+
+def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    """metrics.json, merged into the one a resumed run already has (a resume that trains no
+    further epochs must not erase the train/val numbers and training time sweeps read), and
+    written atomically."""
+    merged = dict(metrics)
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text())
+        except ValueError:
+            previous = {}
+        merged = {**previous, **metrics}
+        merged["time/train_s"] = previous.get("time/train_s", 0.0) + metrics["time/train_s"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    temporary.write_text(json.dumps(merged, indent=2, sort_keys=True))
+    os.replace(temporary, path)
+    log.info("metrics written to %s", path)
 
 
 def prepare_multirun_job(cfg: DictConfig) -> None:

@@ -26,13 +26,43 @@ UNREADABLE = -1  # label of a file that failed to decode (dropped)
 
 
 def find_images(root: Path) -> list[Path]:
-    """Image files under root (by extension, any depth, hidden files and folders skipped)."""
-    files = []
+    """Image files under root (by extension, any depth, hidden files and folders skipped).
+    Folder links are not followed (no loops); a file link that leads nowhere (dangling, or a
+    loop) is skipped with a warning."""
+    files, broken = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files += [Path(dirpath) / f for f in sorted(filenames)
-                  if not f.startswith(".") and Path(f).suffix.lower() in EXTENSIONS]
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if name.startswith(".") or path.suffix.lower() not in EXTENSIONS:
+                continue
+            (files if path.is_file() else broken).append(path)
+    if broken:
+        log.warning("%d links in %s lead to no file and were skipped, e.g. %s", len(broken),
+                    root, ", ".join(ascii(str(p)) for p in broken[:5]))
     return files
+
+
+def user_cache_dir(root: Path) -> Path:
+    """Where a read-only folder's decoded tensors go: the user's cache, one folder per path."""
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    digest = hashlib.sha256(os.fsencode(root.resolve())).hexdigest()[:16]
+    return base / "vaelab" / "image_folders" / digest
+
+
+def writable_dir(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK)
+
+
+def save_atomically(path: Path, array: np.ndarray) -> None:
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    with open(partial, "wb") as file:
+        np.save(file, array)
+    os.replace(partial, path)
 
 
 def to_mode(image: Image.Image, channels: int, background: tuple[int, int, int]) -> Image.Image:
@@ -71,7 +101,8 @@ def _decode_many(args) -> list[np.ndarray | None]:
 def stable_split(relative: str, seed: int, fractions: tuple[float, float]) -> str:
     """train / val / test from a hash of the file's own path: adding files elsewhere never moves
     a file to another split."""
-    digest = hashlib.sha256(f"{seed}:{relative}".encode()).digest()
+    # fsencode: the file name's own bytes, also for names that are not valid UTF-8
+    digest = hashlib.sha256(f"{seed}:".encode() + os.fsencode(relative)).digest()
     u = int.from_bytes(digest[:8], "big") / 2**64
     val, test = fractions
     return "val" if u < val else "test" if u < val + test else "train"
@@ -120,6 +151,10 @@ class ImageFolderDataModule(TensorDataModule):
         self.background = tuple(int(c) for c in background)
         self.strict = strict
         self.cache_dir = Path(cache_dir) if cache_dir else self.root / ".vaelab_cache"
+        if not cache_dir and not writable_dir(self.cache_dir):
+            self.cache_dir = user_cache_dir(self.root)
+            log.info("%s is read-only: decoded images are cached in %s (data.cache_dir to "
+                     "choose)", self.root, self.cache_dir)
         self.memory_limit = memory_limit_gb * 2**30
         self.decode_workers = decode_workers or os.cpu_count() or 1
         # Fail at once on an empty folder, before any training is set up.
@@ -161,8 +196,16 @@ class ImageFolderDataModule(TensorDataModule):
         images_path = self.cache_dir / f"{key}.npy"
         ok_path = self.cache_dir / f"{key}.ok.npy"
         if images_path.is_file() and ok_path.is_file():
-            return np.load(images_path, mmap_mode="c"), np.load(ok_path)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                return np.load(images_path, mmap_mode="c"), np.load(ok_path)
+            except (OSError, ValueError, EOFError) as err:
+                log.warning("the cache %s is damaged (%s); decoding the images again",
+                            images_path, err)
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OSError(f"cannot write the decoded-image cache {self.cache_dir} ({err}); set "
+                          f"data.cache_dir to a writable folder") from err
         n, shape = len(self.files), self.shape
         partial = images_path.with_suffix(f".{os.getpid()}.partial.npy")
         images = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8,
@@ -180,7 +223,7 @@ class ImageFolderDataModule(TensorDataModule):
         images.flush()
         del images
         os.replace(partial, images_path)  # never a half-written cache under the real name
-        np.save(ok_path, ok)
+        save_atomically(ok_path, ok)
         log.info("decoded %d images from %s into %s", int(ok.sum()), self.root, images_path)
         return np.load(images_path, mmap_mode="c"), ok
 
@@ -195,7 +238,7 @@ class ImageFolderDataModule(TensorDataModule):
         bad = [names[i] for i in np.flatnonzero(~ok)]
         if bad:
             message = (f"{len(bad)} of {len(names)} files in {self.root} could not be read as "
-                       f"images and were skipped, e.g. {', '.join(bad[:5])}")
+                       f"images and were skipped, e.g. {', '.join(ascii(b) for b in bad[:5])}")
             if self.strict:
                 raise ValueError(message + " (data.strict=true)")
             log.warning(message)
@@ -208,7 +251,11 @@ class ImageFolderDataModule(TensorDataModule):
         for split in SPLITS:
             keep = torch.from_numpy(np.flatnonzero(ok & (np.array(splits) == split)))
             if split == "train" and len(keep) == 0:
-                raise ValueError(f"data.path={self.root}: no readable images for training")
+                raise ValueError(
+                    f"data.path={self.root}: none of its {int(ok.sum())} readable images fell "
+                    f"into the training split (the seeded split sends each file to val with "
+                    f"probability data.val_fraction={self.fractions[0]} and to test with "
+                    f"data.test_fraction={self.fractions[1]}); add images, or set both to 0")
             data = TensorImages(tensor[keep], label_tensor[keep]) if in_memory else \
                 TensorImages(tensor, label_tensor, rows=keep)
             if in_memory:

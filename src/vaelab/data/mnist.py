@@ -4,6 +4,8 @@ torchvision reads (and, online, downloads) the IDX files; the decoded uint8 tens
 from memory by `TensorImages`.
 """
 
+import math
+import struct
 from pathlib import Path
 
 import torch
@@ -12,6 +14,25 @@ from torchvision import datasets
 from vaelab.data.tensor_images import TensorDataModule, TensorImages
 
 DATASETS = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}
+
+
+def check_idx(path: Path) -> None:
+    """Fail with the file's name and what is wrong with it, before torchvision reads it: the IDX
+    header (two zero bytes, type 0x08 for unsigned bytes, the number of dimensions, then each
+    dimension as a big-endian uint32) must describe exactly the bytes that follow."""
+    data = path.read_bytes()
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08 or not 1 <= data[3] <= 4:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes (its first bytes are "
+                         f"{data[:4].hex() or 'missing'}, expected 0000 08 0n); replace it with "
+                         f"the original file")
+    ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{path} is truncated inside its header; replace it with the original")
+    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    expected = 4 + 4 * ndim + math.prod(dims)
+    if len(data) != expected:
+        raise ValueError(f"{path} holds {len(data)} bytes but its header {list(dims)} promises "
+                         f"{expected} (truncated or corrupt); replace it with the original")
 
 
 class MNISTDataModule(TensorDataModule):
@@ -51,14 +72,18 @@ class MNISTDataModule(TensorDataModule):
         return self.dataset_class(str(self.data_dir), train=train, download=download)
 
     def prepare_data(self):
-        """Download once (rank zero); offline, say where the files must go."""
+        """Download once (rank zero); offline, say where the files must go. Files that are there
+        but damaged are named, never mistaken for missing ones."""
+        raw = self.data_dir / self.dataset_class.__name__ / "raw"
+        for url, _ in self.dataset_class.resources:
+            if (raw / Path(url).stem).is_file():
+                check_idx(raw / Path(url).stem)
         for train in (True, False):
             try:
                 self._load(train)
                 continue
             except RuntimeError:  # torchvision: "Dataset not found. You can use download=True"
                 pass
-            raw = self.data_dir / self.dataset_class.__name__ / "raw"
             files = ", ".join(Path(url).stem for url, _ in self.dataset_class.resources)
             if not self.download:
                 raise FileNotFoundError(
