@@ -7,7 +7,7 @@ checked here first, down to nested dicts and `_args_` lists; a config typed on t
 the user's own and is not restricted.
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -51,7 +51,7 @@ def is_loadable(target: Any) -> bool:
 
 def targets(spec: Any, path: str = "") -> Iterator[tuple[str, Any]]:
     """Every (where, _target_) in a nested spec of dicts and lists."""
-    if isinstance(spec, dict) or hasattr(spec, "items"):
+    if isinstance(spec, Mapping):  # dicts and OmegaConf DictConfigs
         for key, value in spec.items():
             where = f"{path}.{key}" if path else str(key)
             if key == "_target_":
