@@ -135,6 +135,27 @@ def test_same_seed_same_numbers_other_seed_other_numbers(compose_train, tmp_path
     ("data.batch_size=0", ["data.batch_size", ">= 1"]),
     ("data.binarize=yes", ["data.binarize", "dynamic"]),
     ("model.activation=swish", ["model.activation", "relu"]),
+    # the same kinds of mistake with other keys, values and sizes
+    ("latent_dim=-3", ["latent_dim=-3", ">= 1"]),
+    ("latent_dim=1e3", ["latent_dim=1000.0", "whole number"]),
+    ("latent_dim=true", ["latent_dim=True", "whole number"]),
+    ("beta=inf", ["beta=inf", "finite"]),
+    ("lr=0", ["lr=0", "> 0"]),
+    ("lr=nan", ["lr=nan", "finite"]),
+    ("mc_samples=[1,2]", ["mc_samples=[1, 2]", "whole number"]),
+    ("trainer.max_epochs=-2", ["trainer.max_epochs=-2", ">= -1"]),
+    ("trainer.max_epochs=0", ["trainer.max_epochs=0", "trains nothing"]),
+    ("eval.chunk=0", ["eval.chunk=0", ">= 1"]),
+    ("eval.nll_samples=-5", ["eval.nll_samples=-5", ">= 0"]),
+    ("data.val_size=1.5", ["data.val_size=1.5", "< 1"]),
+    ("data.eval_batch_size=2.5", ["data.eval_batch_size=2.5", "whole number"]),
+    ("pictures_every_n_epochs=0", ["pictures_every_n_epochs=0", ">= 1"]),
+    ("compile=maybe", ["compile='maybe'", "true or false"]),
+    ("callbacks.latent_scatter.method=umap", ["callbacks.latent_scatter.method='umap'", "tsne"]),
+    ("callbacks.reconstructions.n_images=0", ["callbacks.reconstructions.n_images=0", ">= 1"]),
+    ("objective.warmup_steps=-1", ["objective.warmup_steps=-1", ">= 0"]),
+    ("model.hidden_dims=[512,0]", ["model.hidden_dims[1]=0", ">= 1"]),
+    ("+likelihood.scale=0", ["likelihood.scale=0", "> 0"]),
 ])
 def test_bad_values_fail_before_training_and_name_the_key(compose_train, tmp_path, override,
                                                           words):
@@ -302,6 +323,53 @@ def test_checkpoint_hyperparameters_may_not_name_code(compose_train, mlp_run, tm
     }, victim, marker)
 
 
+@pytest.mark.parametrize("key, value, words", [
+    ("objective", {"_target_": "vaelab.objectives.ELBO", "beta": float("nan")},
+     ["objective.beta=nan", "finite"]),
+    ("objective", {"_target_": "vaelab.objectives.IWAE", "mc_samples": 0},
+     ["objective.mc_samples=0", ">= 1"]),
+    ("latent_dim", 2.5, ["latent_dim=2.5", "whole number"]),
+    ("likelihood", {"_target_": "vaelab.likelihoods.GaussianLikelihood", "scale": -1.0},
+     ["likelihood.scale=-1.0", "> 0"]),
+])
+def test_checkpoint_values_are_typed_and_in_range(mlp_run, key, value, words):
+    from vaelab import runs
+    from vaelab.module import VAEModule
+
+    checkpoint = torch.load(mlp_run / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"][key] = value
+    bad = mlp_run / "checkpoints" / "bad.ckpt"
+    torch.save(checkpoint, bad)
+    for load in (lambda: runs.load_module(bad), lambda: VAEModule.load_from_checkpoint(bad)):
+        with pytest.raises(ValueError, match="bad config value in .*bad.ckpt") as err:
+            load()
+        assert all(w in str(err.value) for w in words), str(err.value)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("label=2.5", ["label=2.5", "whole number"]),
+    ("label=-1", ["label=-1", ">= 0"]),
+    ("pictures=[samples,faces]", ["pictures[1]='faces'", "'manifold'"]),
+    ("samples.n=0", ["samples.n=0", ">= 1"]),
+    ("manifold.frame=data", ["manifold.frame='data'", "'posterior'"]),
+    ("nrow=abc", ["nrow='abc'", "whole number"]),
+])
+def test_bad_generate_values_name_the_key(mlp_run, override, words):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from vaelab.cli import config_dir
+    from vaelab.cli.generate import generate
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("generate", overrides=[f"run_dir={mlp_run}", override])
+    with pytest.raises(ValueError, match="^bad config value") as err:
+        generate(cfg)
+    assert all(w in str(err.value) for w in words), str(err.value)
+    assert not (mlp_run / "generated").exists()
+
+
 @pytest.mark.parametrize("payload", ["open", "system", "nested"])
 def test_a_run_dirs_config_may_not_name_code(compose_train, tmp_path, payload):
     from hydra import compose, initialize_config_dir
@@ -381,7 +449,8 @@ def test_a_copied_run_dir_never_uses_the_originals_checkpoint(mlp_run, tmp_path)
         runs.resolve(str(copy), None)
 
 
-@pytest.mark.parametrize("override", ["chunk=0", "nll_samples=0", "batch_size=-1", "limit=0"])
+@pytest.mark.parametrize("override", ["chunk=0", "nll_samples=0", "batch_size=-1", "limit=0",
+                                      "nll_samples=2.5", "chunk=abc", "split=validation"])
 def test_bad_eval_values_name_the_key(mlp_run, override):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -392,7 +461,8 @@ def test_bad_eval_values_name_the_key(mlp_run, override):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("eval", overrides=[f"run_dir={mlp_run}", override])
-    with pytest.raises(ValueError, match=f"{override.split('=')[0]} must be a whole number"):
+    key, value = override.split("=")
+    with pytest.raises(ValueError, match=rf"^bad config value: {key}=\W?{value}\W?: should be"):
         evaluate(cfg)
 
 

@@ -73,8 +73,8 @@ def test_a_failed_job_is_a_row_not_a_crash(data_dir, tmp_path):
     table = {r["latent_dim"]: r for r in rows(sweep)}
     assert table["2"]["status"] == "ok"
     assert table["0"]["status"] == \
-        "failed: ValueError: latent_dim must be a whole number >= 1, got 0"
-    assert "failed: ValueError" in (sweep / "summary.md").read_text()
+        "failed: ConfigError: bad config value: latent_dim=0: should be >= 1"
+    assert "failed: ConfigError" in (sweep / "summary.md").read_text()
 
 
 def test_summarize_on_demand(data_dir, tmp_path):

@@ -13,6 +13,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from vaelab import loadable, schema
+
 log = logging.getLogger(__name__)
 TEMPORARY_SUFFIX = ".partial"
 PREVIOUS_LAST = ".last.previous.ckpt"  # the last.ckpt before the newest, until it proves good
@@ -102,10 +104,10 @@ class CheckpointOnSigterm(L.Callback):
 
 
 def read_checkpoint(path) -> dict[str, Any]:
-    """A checkpoint's contents, loaded with weights_only=True, or a CheckpointError that says why.
+    """A checkpoint's contents, loaded with weights_only=True, or an error that says why.
 
     weights_only=True unpickles tensors and plain containers only, so a file crafted to run code
-    when loaded is refused instead of executed.
+    when loaded is refused instead of executed; hyperparameters naming code to run are refused too.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -127,6 +129,9 @@ def read_checkpoint(path) -> dict[str, Any]:
             checkpoint):
         raise CheckpointError(f"{path} is a PyTorch file but not a vaelab checkpoint (it has no "
                               f"state_dict and hyper_parameters)")
+    # what it would build must be declared loadable, and its values typed and in range
+    loadable.check(checkpoint["hyper_parameters"], path)
+    schema.validate(checkpoint["hyper_parameters"], schema.Hparams, str(path))
     return checkpoint
 
 

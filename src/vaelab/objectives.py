@@ -36,14 +36,6 @@ class ELBO:
 
     def __init__(self, beta: float = 1.0, mc_samples: int = 1, warmup_steps: int = 0,
                  free_bits: float = 0.0):
-        if isinstance(beta, bool) or not isinstance(beta, int | float) or not math.isfinite(
-                beta) or beta < 0:
-            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-            raise ValueError(f"mc_samples must be a whole number >= 1, got {mc_samples!r}")
-        if warmup_steps < 0 or free_bits < 0:
-            raise ValueError(f"objective.warmup_steps and objective.free_bits must be >= 0, got "
-                             f"{warmup_steps} and {free_bits}")
         self.beta, self.mc_samples = float(beta), int(mc_samples)
         self.warmup_steps, self.free_bits = int(warmup_steps), float(free_bits)
         self._estimates = self.estimates  # replaced by a compiled version in compile()

@@ -11,7 +11,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vaelab import loadable
+from vaelab import loadable, schema
 from vaelab.checkpointing import read_checkpoint
 from vaelab.module import VAEModule
 
@@ -65,7 +65,6 @@ def load_module(ckpt: Path, device_name: str = "cpu") -> tuple[VAEModule, int]:
     """The trained module in eval mode and the step it was saved at, loaded with
     weights_only=True (no pickled code runs). `device_name` may be `auto`."""
     checkpoint = read_checkpoint(ckpt)
-    loadable.check(checkpoint["hyper_parameters"], ckpt)
     module = VAEModule(**checkpoint["hyper_parameters"])
     module.load_state_dict(checkpoint["state_dict"])
     return module.to(device(device_name)).eval(), int(checkpoint.get("global_step", 0))
@@ -75,7 +74,9 @@ def load_split(cfg: DictConfig, split: str):
     """One split (train / val / test) of the run's own DataModule (a run dir is untrusted: its
     data spec is checked, then exactly what was checked is built)."""
     spec = OmegaConf.to_container(cfg.data, resolve=True)
-    loadable.check(spec, "the run's data config (.hydra/config.yaml)")
+    source = "the run's data config (.hydra/config.yaml)"
+    loadable.check(spec, source)
+    schema.validate(spec, schema.Data, source)
     datamodule = instantiate(spec)
     datamodule.prepare_data()
     datamodule.setup()

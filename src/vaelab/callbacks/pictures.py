@@ -29,8 +29,6 @@ class Picture(L.Callback):
     tag = "pictures/picture"
 
     def __init__(self, every_n_epochs: int = 1, n_images: int = 64, seed: int = 0):
-        if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
         self.every_n_epochs, self.n_images, self.seed = every_n_epochs, n_images, seed
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -122,9 +120,6 @@ class LatentManifold(Picture):
 
     def __init__(self, n: int = 20, frame: str = "prior", **kwargs):
         super().__init__(**kwargs)
-        if frame not in pictures.MANIFOLD_FRAMES:
-            raise ValueError(f"callbacks.latent_manifold.frame={frame!r} is unknown; choose one "
-                             f"of {pictures.MANIFOLD_FRAMES}")
         self.n, self.frame = n, frame
 
     def draw(self, writer, vae, trainer, module):

@@ -10,7 +10,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vaelab import evaluation, runs
+from vaelab import evaluation, runs, schema
 from vaelab.cli import config_dir
 
 log = logging.getLogger(__name__)
@@ -26,18 +26,8 @@ def write_scores(path: Path, named_scores: dict[str, evaluation.Scores]) -> None
                 writer.writerow([name, i, *row])
 
 
-def positive_ints(cfg: DictConfig, *keys: str) -> None:
-    """Each key a whole number >= 1 (or null where allowed), named when it is not."""
-    for key in keys:
-        value = cfg.get(key)
-        if value is None and key == "limit":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{key} must be a whole number >= 1, got {value!r}")
-
-
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    positive_ints(cfg, "nll_samples", "chunk", "batch_size", "limit")
+    schema.validate(cfg, schema.Eval)
     torch.manual_seed(cfg.seed)
     run, ckpt = runs.resolve(cfg.run_dir, cfg.ckpt_path)
     module, step = runs.load_module(ckpt, cfg.device)

@@ -11,11 +11,10 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import save_image
 
-from vaelab import pictures, runs
+from vaelab import pictures, runs, schema
 from vaelab.cli import config_dir
 
 log = logging.getLogger(__name__)
-PICTURES = ("samples", "reconstructions", "interpolation", "manifold", "latent_scatter")
 
 
 def read_image(path: str, shape) -> torch.Tensor:
@@ -26,11 +25,7 @@ def read_image(path: str, shape) -> torch.Tensor:
 
 
 def generate(cfg: DictConfig) -> dict[str, Path]:
-    unknown = set(cfg.pictures) - set(PICTURES)
-    if unknown:
-        raise ValueError(f"pictures={sorted(unknown)} are unknown; choose from {list(PICTURES)}")
-    if cfg.label is not None and (isinstance(cfg.label, bool) or not isinstance(cfg.label, int)):
-        raise ValueError(f"label={cfg.label!r} must be a class index (an integer)")
+    schema.validate(cfg, schema.Generate)
     run, ckpt = runs.resolve(cfg.run_dir, cfg.ckpt_path)
     module, _ = runs.load_module(ckpt, cfg.device)
     vae, device = module.vae, module.device

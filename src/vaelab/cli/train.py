@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from vaelab import evaluation, loadable, runs
+from vaelab import evaluation, runs, schema
 from vaelab.checkpointing import (
     PREVIOUS_LAST,
     check_same_architecture,
@@ -122,9 +122,7 @@ def epoch_metrics(trainer: L.Trainer) -> dict[str, float]:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint, log hparams with the final metrics, write metrics.json."""
-    if cfg.trainer.get("max_epochs") == 0:
-        raise ValueError("trainer.max_epochs=0 trains nothing; give at least 1 (or -1 with "
-                         "trainer.max_time for a time budget)")
+    schema.validate(cfg, schema.Train)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     datamodule: L.LightningDataModule = instantiate(cfg.data)
@@ -135,7 +133,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     resume_step = None
     if ckpt_path:  # refuse a wrong or unsafe checkpoint before any training
         checkpoint = read_checkpoint(ckpt_path)
-        loadable.check(checkpoint["hyper_parameters"], ckpt_path)
         check_same_architecture(checkpoint, dict(module.hparams), ckpt_path)
         resume_step = checkpoint.get("global_step")
         remove_partial_files(Path(ckpt_path).parent)

@@ -133,10 +133,6 @@ class ImageFolderDataModule(TensorDataModule):
         on_device: bool = True,
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, seed, on_device)
-        if channels not in (1, 3):
-            raise ValueError(f"data.channels must be 1 or 3, got {channels}")
-        if image_size < 1:
-            raise ValueError(f"data.image_size must be >= 1, got {image_size}")
         if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1
                 and val_fraction + test_fraction < 1):
             raise ValueError(f"data.val_fraction + data.test_fraction must leave training "

@@ -8,8 +8,6 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-BINARIZE = ("none", "static", "dynamic")
-
 
 class TensorImages(Dataset):
     """uint8 images [N, C, H, W] and labels [N], served as float in [0, 1] with their labels.
@@ -21,8 +19,6 @@ class TensorImages(Dataset):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, binarize: str = "none",
                  seed: int = 0, rows: torch.Tensor | None = None):
-        if binarize not in BINARIZE:
-            raise ValueError(f"data.binarize={binarize!r} is unknown; choose one of {BINARIZE}")
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"expected uint8 images [N, C, H, W], got {images.dtype} "
                              f"{list(images.shape)}")
@@ -71,8 +67,6 @@ class TensorDataModule(L.LightningDataModule):
     def __init__(self, batch_size: int, eval_batch_size: int | None, num_workers: int,
                  seed: int, on_device: bool):
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.seed, self.on_device = num_workers, seed, on_device
         self.shuffle_generator = torch.Generator().manual_seed(seed)

@@ -84,8 +84,6 @@ class VampPrior(nn.Module):
     def __init__(self, latent_dim: int, data_shape: Sequence[int], components: int = 500,
                  init_mean: float = 0.05, init_std: float = 0.01):
         super().__init__()
-        if components < 1:
-            raise ValueError(f"model.prior.components must be >= 1, got {components}")
         self.pseudo_inputs = nn.Parameter(
             torch.randn(components, *data_shape) * init_std + init_mean)
 

@@ -78,8 +78,6 @@ class VAE(nn.Module):
         num_classes: int | None = None,
     ):
         super().__init__()
-        if latent_dim < 1:
-            raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
         self.encoder, self.decoder, self.likelihood = encoder, decoder, likelihood
         self.latent_dim = latent_dim
         self.data_shape = tuple(data_shape)

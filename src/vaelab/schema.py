@@ -1,0 +1,202 @@
+"""Types and ranges of every config value a user sets, checked once where a config is read (the
+three entry points, and checkpoint hparams on load). pydantic does the checking and names the key;
+the constructors behind the configs trust what passed here."""
+
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, get_args
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+Count = Annotated[int, Field(ge=1, strict=True)]        # a whole number >= 1 (not 2.5, not true)
+Natural = Annotated[int, Field(ge=0, strict=True)]      # >= 0
+Weight = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Fraction = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
+
+
+# pydantic's words where ours say more to someone typing overrides (by pydantic's error type)
+WHOLE, TRUE_OR_FALSE = "should be a whole number", "should be true or false"
+MESSAGES = {"int_type": WHOLE, "int_parsing": WHOLE, "int_from_float": WHOLE,
+            "bool_type": TRUE_OR_FALSE, "bool_parsing": TRUE_OR_FALSE,
+            "finite_number": "should be a finite number", "literal_error": "should be {expected}",
+            "greater_than_equal": "should be >= {ge}", "greater_than": "should be > {gt}",
+            "less_than": "should be < {lt}"}
+
+
+class ConfigError(ValueError):
+    """A config value of the wrong type or out of range; the message names each key."""
+
+
+class Section(BaseModel):
+    """A config group: the keys named here are checked, any others pass through."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class Prior(Section):
+    components: Count | None = None
+
+
+class Model(Section):
+    hidden_dims: list[Count] | None = None
+    top_hidden_dims: list[Count] | None = None
+    hidden_dim: Count | None = None
+    bottom_dim: Count | None = None
+    channels: list[Count] | None = None
+    prior: Prior | None = None
+
+
+class Likelihood(Section):
+    scale: Positive | None = None
+
+
+class Objective(Section):
+    beta: Weight | None = None
+    mc_samples: Count | None = None
+    warmup_steps: Natural | None = None
+    free_bits: Weight | None = None
+
+
+class Optimizer(Section):
+    lr: Positive | None = None
+
+
+class Data(Section):
+    batch_size: Count | None = None
+    eval_batch_size: Count | None = None
+    num_workers: Natural | None = None
+    image_size: Count | None = None
+    channels: Literal[1, 3] | None = None
+    val_size: Count | Annotated[float, Field(gt=0, lt=1)] | None = None
+    val_fraction: Fraction | None = None
+    test_fraction: Fraction | None = None
+    binarize: Literal["none", "static", "dynamic"] | None = None
+    memory_limit_gb: Weight | None = None
+
+
+class Trainer(Section):
+    max_epochs: Annotated[int, Field(ge=-1, strict=True)] | None = None
+    max_steps: Annotated[int, Field(ge=-1, strict=True)] | None = None
+
+    @field_validator("max_epochs")
+    @classmethod
+    def trains_something(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("0 trains nothing; give at least 1 (or -1 with trainer.max_time)")
+        return value
+
+
+class Evaluation(Section):
+    nll_samples: Natural = 0
+    chunk: Count = 50
+    batch_size: Count = 100
+
+
+class Callback(Section):
+    every_n_epochs: Count | None = None
+    n_images: Count | None = None
+    n: Count | None = None
+    pairs: Count | None = None
+    steps: Count | None = None
+    frame: Literal["prior", "posterior"] | None = None
+    method: Literal["pca", "tsne"] | None = None
+
+
+class Hparams(Section):
+    """What a checkpoint holds besides weights: the built groups."""
+
+    model: Model
+    likelihood: Likelihood
+    objective: Objective
+    optimizer: Optimizer | None = None
+    latent_dim: Count
+
+
+class Train(Section):
+    latent_dim: Count
+    beta: Weight
+    mc_samples: Count
+    lr: Positive
+    seed: int
+    pictures_every_n_epochs: Count
+    compile: bool
+    test: bool
+    model: Model
+    likelihood: Likelihood
+    objective: Objective
+    optimizer: Optimizer
+    data: Data
+    trainer: Trainer
+    eval: Evaluation
+    callbacks: dict[str, Callback | None] | None = None
+
+
+class Eval(Section):
+    nll_samples: Count
+    chunk: Count
+    batch_size: Count
+    limit: Count | None
+    seed: int
+    split: Literal["train", "val", "test"]
+
+
+class Pictures(Section):
+    n: Count | None = None
+    steps: Count | None = None
+    frame: Literal["prior", "posterior"] | None = None
+    method: Literal["pca", "tsne"] | None = None
+
+
+PictureName = Literal["samples", "reconstructions", "interpolation", "manifold", "latent_scatter"]
+PICTURES = get_args(PictureName)
+
+
+class Generate(Section):
+    pictures: list[PictureName]
+    label: Natural | None
+    nrow: Count
+    seed: int
+    split: Literal["train", "val", "test"]
+    samples: Pictures
+    reconstructions: Pictures
+    interpolation: Pictures
+    manifold: Pictures
+    latent_scatter: Pictures
+
+
+def plain(cfg: Mapping, schema: type[BaseModel]) -> dict[str, Any]:
+    """The keys the schema names, resolved (the rest, e.g. `hydra` or `paths`, is not touched)."""
+    return {key: OmegaConf.to_container(cfg[key], resolve=True)
+            if isinstance(cfg[key], DictConfig | ListConfig) else cfg[key]
+            for key in schema.model_fields if key in cfg}
+
+
+def validate(cfg: Mapping, schema: type[BaseModel], source: str = "") -> None:
+    """Raise ConfigError naming every bad key once (`latent_dim`, not also the `model.latent_dim`
+    it is interpolated into); `source` says where the values came from, e.g. a checkpoint."""
+    try:
+        schema.model_validate(plain(cfg, schema))
+    except ValidationError as err:
+        problems: dict[tuple[str, str], tuple[str, list[str]]] = {}
+        for error in err.errors():
+            path = [part for part in error["loc"] if not _is_union_branch(part)]
+            key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+            message = MESSAGES.get(error["type"], error["msg"]).format(**error.get("ctx", {}))
+            # one line per leaf name and value; a union's branches are its alternatives
+            shown = (str(path[-1]) if path else "", repr(error.get("input")))
+            first_key, messages = problems.setdefault(shown, (key, []))
+            if first_key == key and message not in messages:
+                messages.append(message.removeprefix("Value error, "))
+        lines = [f"{key}={value}: {' or '.join(messages)}"
+                 for (_, value), (key, messages) in problems.items()]
+        where = f" in {source}" if source else ""
+        if len(lines) == 1:
+            raise ConfigError(f"bad config value{where}: {lines[0]}") from None
+        raise ConfigError(f"bad config values{where}:\n  " + "\n  ".join(lines)) from None
+
+
+def _is_union_branch(part) -> bool:
+    """pydantic names the union member it tried (`int`, `list[int]`, `constrained-int`)."""
+    return isinstance(part, str) and ("[" in part or part in {"int", "float", "bool", "str"}
+                                      or part.startswith(("constrained-", "literal", "function")))
