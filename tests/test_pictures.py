@@ -56,7 +56,8 @@ def test_manifold_is_framed_by_the_prior_quantiles_or_the_posterior_range():
     assert base.tolist() == [0.0] * 4
     x = torch.zeros(101, 1, 1, 6)
     x[:, 0, 0, 1] = torch.linspace(10, 20, 101)  # unit 1's posterior mean is x_1
-    columns, rows, base = pictures.manifold_axes(vae, (1, 3), n=3, frame="posterior", x=x)
+    means = pictures.encode_means(vae, x)
+    columns, rows, base = pictures.manifold_axes(vae, (1, 3), n=3, frame="posterior", means=means)
     torch.testing.assert_close(columns, torch.tensor([10.5, 15.0, 19.5]))
     assert rows.tolist() == [0.0] * 3 and base[1].item() == pytest.approx(15.0)
     figure = pictures.manifold_figure(pictures.manifold_images(vae, columns, rows, (1, 3), base),
@@ -67,15 +68,62 @@ def test_manifold_is_framed_by_the_prior_quantiles_or_the_posterior_range():
 
 def test_scatter_axes_are_labelled():
     vae = linear_vae()
-    figure = pictures.latent_scatter(vae, torch.randn(20, 1, 1, 6), torch.arange(20) % 3)
+    figure = pictures.latent_scatter(vae, torch.randn(20, 4), torch.arange(20) % 3)
     assert (figure.axes[0].get_xlabel(), figure.axes[0].get_ylabel()) == ("PC 1", "PC 2")
 
 
 def test_most_active_dims_skip_collapsed_units():
     vae = linear_vae(active=(1, 3))
-    x = torch.randn(200, 1, 1, 6)
-    assert pictures.most_active_dims(vae, x) == [1, 3]
-    assert pictures.manifold_dims(vae, x) == (1, 3)
+    means = pictures.encode_means(vae, torch.randn(200, 1, 1, 6))
+    assert pictures.most_active_dims(means) == [1, 3]
+    assert pictures.manifold_dims(vae, means) == (1, 3)
+
+
+def big_image_vae(side: int = 256, latent_dim: int = 3) -> VAE:
+    """A decoder of grey side x side images (and an encoder of them): big tiles for the grids."""
+    pixels = side * side
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(pixels, 2 * latent_dim))
+    decoder = nn.Sequential(nn.Linear(latent_dim, pixels), nn.Unflatten(1, (1, side, side)))
+    return VAE(encoder, decoder, GaussianLikelihood(scale=0.1, learn_scale=False), latent_dim,
+               (1, side, side))
+
+
+@pytest.mark.parametrize("count", [4, 64, 400])
+def test_grids_never_hold_more_than_grid_pixels(count):
+    """Tiles keep their size while the grid fits and shrink beyond: 400 tiles of 256 px would be
+    26 M pixels, the grid stays within 2048^2."""
+    vae = big_image_vae()
+    limit = pictures.GRID_PIXELS * 1.05  # + padding
+    side = pictures.tile_size(count, vae.data_shape)[0]
+    assert side == min(256, int(256 * (pictures.GRID_PIXELS / (count * 256 ** 2)) ** 0.5))
+    samples = pictures.sample_grid(vae, count, nrow=8)
+    assert samples[0].numel() <= limit
+    x = torch.rand(max(2, count // 4), 1, 256, 256)
+    assert pictures.reconstruction_grid(vae, x)[0].numel() <= limit
+    n = int(count ** 0.5)
+    axis = torch.linspace(-1, 1, n)
+    tiles = pictures.manifold_images(vae, axis, axis, (0, 1))
+    assert tiles.shape == (n * n, 1, *pictures.tile_size(n * n, vae.data_shape))
+    interpolation = pictures.interpolation_grid(vae, x[0::2], x[1::2], steps=9)
+    assert interpolation[0].numel() <= limit
+
+
+def test_encode_stream_reads_only_what_it_keeps():
+    vae = linear_vae()
+    served = []
+
+    def batches():
+        for i in range(100):  # far more than asked for
+            served.append(i)
+            yield torch.full((10, 1, 1, 6), float(i)), torch.full((10,), i)
+
+    means, labels, thumbs = pictures.encode_stream(vae, batches(), 25, thumbnails=True)
+    assert served == [0, 1, 2]  # 25 images: two whole batches and half of the third
+    assert means.shape == (25, 4) and labels.tolist() == [0] * 10 + [1] * 10 + [2] * 5
+    assert means[:, 1].tolist() == labels.float().tolist()  # unit 1's mean is x_1
+    assert thumbs.shape == (25, 1, 1, 6)
+    with pytest.raises(ValueError, match="empty"):
+        pictures.encode_stream(vae, iter([]), 5)
 
 
 def test_pca_keeps_the_direction_of_largest_variance():
@@ -118,6 +166,21 @@ def test_training_logs_every_picture_every_n_epochs(compose_train, tmp_path):
     assert "latent_means" in projector and "sprite" in projector
     metadata = next((tmp_path / "tensorboard").glob("*/latent_means/metadata.tsv"))
     assert len(metadata.read_text().split()) == 16  # every val image, with its label
+
+
+def test_a_resume_from_an_epoch_end_keeps_that_epochs_pictures(compose_train, tmp_path):
+    """Pictures are logged at the step of the epoch's validation metrics, which the resumed run's
+    TensorBoard purge (everything from the checkpoint's step on) leaves in place."""
+    common = ["trainer.accelerator=cpu", "callbacks.embedding_projector=null"]
+    train(compose_train(*common, "trainer.max_epochs=2"))
+    train(compose_train(*common, "trainer.max_epochs=3", f"resume={tmp_path}"))
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0,
+                                                                             "scalars": 0})
+    events.Reload()
+    val_steps = [s.step for s in events.Scalars("val/loss")]
+    assert len(val_steps) == 3 == len(set(val_steps))
+    for tag in TAGS:
+        assert [image.step for image in events.Images(tag)] == val_steps, tag
 
 
 def test_pictures_can_be_switched_off(compose_train, tmp_path):

@@ -2,16 +2,25 @@
 
 Shared by the TensorBoard callbacks (during training) and `vaelab-generate` (afterwards), so a
 picture in TensorBoard and its PNG are drawn by the same code. Everything goes through the VAE's
-own `encode` / `decode` / `prior` / `sample_latents`; decoding runs in bounded chunks. Labels are
-passed as the context of conditional models and ignored otherwise.
+own `encode` / `decode` / `prior` / `sample_latents`. Labels are passed as the context of
+conditional models and ignored otherwise.
+
+Memory does not grow with how many images a picture shows: images are encoded and decoded CHUNK
+at a time, a grid's tiles shrink so that it never holds more than GRID_PIXELS pixels, and the
+pictures made from many images (scatter, projector, manifold frame) read them batch by batch and
+keep only their latent means.
 """
 
 import matplotlib
 
 matplotlib.use("Agg")  # files and TensorBoard only, never a window
 
+import math  # noqa: E402
+from collections.abc import Iterable  # noqa: E402
+
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
@@ -20,12 +29,29 @@ from vaelab.models.vae import VAE  # noqa: E402
 SCATTER_METHODS = ("pca", "tsne")
 MANIFOLD_FRAMES = ("prior", "posterior")
 QUANTILES = (0.05, 0.95)  # the manifold's extent, as in Kingma & Welling's figure 4
-CHUNK = 64  # images encoded or decoded at once: memory does not grow with a picture's size
+CHUNK = 64  # images encoded or decoded at once
+GRID_PIXELS = 2048 * 2048  # a grid's pixels at most (50 MB in RGB floats); 1x at the defaults
 
 
 def as_images(x: torch.Tensor) -> torch.Tensor:
     """Values in [0, 1] for display (a Gaussian mean can leave that range)."""
     return x.detach().float().clamp(0, 1).cpu()
+
+
+def tile_size(count: int, shape) -> tuple[int, int]:
+    """(height, width) of each of `count` tiles: the images' own size, shrunk where the tiles
+    together would exceed GRID_PIXELS."""
+    height, width = shape[-2:]
+    scale = min(1.0, math.sqrt(GRID_PIXELS / (max(count, 1) * height * width)))
+    return max(1, int(height * scale)), max(1, int(width * scale))
+
+
+def fit(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Display images [N, C, H, W] at `size` (antialiased when shrunk)."""
+    x = as_images(x)
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", antialias=True).clamp(0, 1)
 
 
 def context_of(vae: VAE, labels: torch.Tensor | None) -> torch.Tensor | None:
@@ -43,9 +69,12 @@ def chunks(*tensors: torch.Tensor | None):
 
 
 @torch.no_grad()
-def decode_means(vae: VAE, z: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-    """Display images of p(x|z) means for latents [N, D], CHUNK at a time."""
-    return torch.cat([as_images(vae.decode(zc.to(vae.device), c).mean)
+def decode_means(vae: VAE, z: torch.Tensor, context: torch.Tensor | None = None,
+                 size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Display images of p(x|z) means for latents [N, D], CHUNK at a time, at `size` (default:
+    the tile size of N images)."""
+    size = size or tile_size(len(z), vae.data_shape)
+    return torch.cat([fit(vae.decode(zc.to(vae.device), c).mean, size)
                       for zc, c in chunks(z, context)])
 
 
@@ -57,13 +86,35 @@ def encode_means(vae: VAE, x: torch.Tensor, labels: torch.Tensor | None = None) 
 
 
 @torch.no_grad()
+def encode_stream(vae: VAE, batches: Iterable, n: int, thumbnails: bool = False):
+    """(means [n, D], labels [n], thumbnails or None) of the first n images of `batches`, an
+    iterable of (x, y) such as a DataLoader, read one batch at a time: only the means (and with
+    `thumbnails`, the images shrunk so that all n fit in GRID_PIXELS) are kept."""
+    means, labels, thumbs, seen = [], [], [], 0
+    size = tile_size(n, vae.data_shape)
+    for x, y in batches:
+        x, y = x[: n - seen], y[: n - seen]
+        means.append(encode_means(vae, x, y).cpu())
+        labels.append(y.cpu())
+        if thumbnails:
+            thumbs += [fit(xc, size) for (xc,) in chunks(x)]
+        seen += len(x)
+        if seen >= n:
+            break
+    if not seen:
+        raise ValueError("no images to encode (the split is empty)")
+    return torch.cat(means), torch.cat(labels), torch.cat(thumbs) if thumbnails else None
+
+
+@torch.no_grad()
 def reconstruction_grid(vae: VAE, x: torch.Tensor, nrow: int = 8,
                         labels: torch.Tensor | None = None) -> torch.Tensor:
     """Rows of `nrow` inputs, each row followed by their reconstructions (the likelihood mean)."""
-    recon = decode_means(vae, encode_means(vae, x, labels), context_of(vae, labels))
+    size = tile_size(2 * len(x), vae.data_shape)
+    recon = decode_means(vae, encode_means(vae, x, labels), context_of(vae, labels), size)
     rows = []
     for start in range(0, len(x), nrow):
-        rows += [as_images(x[start:start + nrow]), recon[start:start + nrow]]
+        rows += [fit(x[start:start + nrow], size), recon[start:start + nrow]]
     return make_grid(torch.cat(rows), nrow=nrow, pad_value=1)
 
 
@@ -89,46 +140,45 @@ def sample_grid(vae: VAE, n: int = 64, nrow: int = 8, seed: int = 0,
     return make_grid(decode_means(vae, z, context), nrow=nrow, pad_value=1)
 
 
-@torch.no_grad()
-def most_active_dims(vae: VAE, x: torch.Tensor, k: int = 2,
-                     labels: torch.Tensor | None = None) -> list[int]:
-    """The k latent units whose posterior mean varies most over x (Burda et al.'s activity)."""
-    activity = encode_means(vae, x, labels).var(0)
-    return activity.topk(min(k, vae.latent_dim)).indices.sort().values.tolist()
+def most_active_dims(means: torch.Tensor, k: int = 2) -> list[int]:
+    """The k latent units whose posterior mean varies most over the images whose posterior means
+    are `means` [N, D] (Burda et al.'s activity)."""
+    activity = means.float().var(0)
+    return activity.topk(min(k, means.shape[1])).indices.sort().values.tolist()
 
 
-def manifold_dims(vae: VAE, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[int, int]:
-    """The two latent dims to walk: both when there are two, else the two most active."""
+def manifold_dims(vae: VAE, means: torch.Tensor) -> tuple[int, int]:
+    """The two latent dims to walk: both when there are two, else the two most active over the
+    images whose posterior means are `means`."""
     if vae.latent_dim <= 2:
         return (0, vae.latent_dim - 1)
-    if len(x) < 2:  # no variance to rank by
+    if len(means) < 2:  # no variance to rank by
         return (0, 1)
-    first, second = most_active_dims(vae, x, labels=labels)
+    first, second = most_active_dims(means)
     return first, second
 
 
 @torch.no_grad()
 def manifold_axes(vae: VAE, dims: tuple[int, int], n: int = 20, frame: str = "prior",
-                  x: torch.Tensor | None = None,
-                  labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor,
-                                                               torch.Tensor]:
+                  means: torch.Tensor | None = None,
+                  label: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(column values [n], row values [n], the latent point [D] the other dims sit at).
 
     `prior`: the grid covers the prior's 5%..95% quantiles in each walked dim (Kingma & Welling:
     equal probability mass between columns; the model computes them, exactly for N(0, I)), the
-    other dims at the prior's median. `posterior`: the same quantiles of the posterior means of
-    x (the aggregate posterior's range), the other dims at their median."""
+    other dims at the prior's median (a conditional model's, for `label`). `posterior`: the same
+    quantiles of the posterior means `means` [N, D] (the aggregate posterior's range), the other
+    dims at their median."""
     if frame not in MANIFOLD_FRAMES:
         raise ValueError(f"manifold frame {frame!r} is unknown; choose one of {MANIFOLD_FRAMES}")
     levels = torch.cat([torch.linspace(*QUANTILES, n), torch.tensor([0.5])]).to(vae.device)
     if frame == "posterior":
-        if x is None or len(x) < 2:
+        if means is None or len(means) < 2:
             raise ValueError("the posterior frame needs at least 2 images")
-        means = encode_means(vae, x, labels).float()
-        values = torch.quantile(means, levels, dim=0)
+        values = torch.quantile(means.float().to(levels.device), levels, dim=0)
     else:
-        values = vae.prior_quantiles(levels, context_of(vae, None if labels is None
-                                                        else labels[:1]))
+        values = vae.prior_quantiles(levels, context_of(vae, None if label is None
+                                                        else torch.tensor([label])))
     values = values.cpu()
     return values[:n, dims[0]], values[:n, dims[1]], values[n]
 
@@ -136,8 +186,9 @@ def manifold_axes(vae: VAE, dims: tuple[int, int], n: int = 20, frame: str = "pr
 @torch.no_grad()
 def manifold_images(vae: VAE, columns: torch.Tensor, rows: torch.Tensor, dims: tuple[int, int],
                     base: torch.Tensor | None = None, label: int | None = None) -> torch.Tensor:
-    """[n*n, C, H, W] decodings of the grid columns x rows in latent dims `dims`, the others at
-    `base` (default 0); row 0 is the top (largest second coordinate), as in the seeds' plot."""
+    """[n*n, C, h, w] decodings of the grid columns x rows in latent dims `dims`, the others at
+    `base` (default 0), as tiles of `tile_size`; row 0 is the top (largest second coordinate), as
+    in the seeds' plot."""
     n = len(columns)
     z = torch.zeros(n, n, vae.latent_dim) if base is None else base.cpu().float().expand(
         n, n, vae.latent_dim).clone()
@@ -200,10 +251,9 @@ def scatter_figure(points: torch.Tensor, labels: torch.Tensor | None, title: str
     return fig
 
 
-@torch.no_grad()
-def latent_scatter(vae: VAE, x: torch.Tensor, labels: torch.Tensor | None,
+def latent_scatter(vae: VAE, means: torch.Tensor, labels: torch.Tensor | None,
                    method: str = "pca") -> Figure:
-    means = encode_means(vae, x, labels)
+    """Posterior means [N, D] as points coloured by label (projected to 2-D above two dims)."""
     if vae.latent_dim == 1:
         means = torch.cat([means, torch.zeros_like(means)], -1)
         title, names = "posterior means (1-D)", ("z[0]", "")
@@ -227,12 +277,13 @@ def interpolation_grid(vae: VAE, a: torch.Tensor, b: torch.Tensor, steps: int = 
     labels_a = None if labels_a is None else labels_a[:pairs]
     labels_b = None if labels_b is None else labels_b[:pairs]
     za, zb = encode_means(vae, a, labels_a), encode_means(vae, b, labels_b)
+    size = tile_size(pairs * (steps + 2), vae.data_shape)
     t = torch.linspace(0, 1, steps, device=za.device)[None, :, None]
     z = za[:, None] + t * (zb - za)[:, None]  # [pairs, steps, latent]
     context = None
     if vae.conditional:
         ha, hb = (vae.one_hot(context_of(vae, y)) for y in (labels_a, labels_b))
         context = (ha[:, None] + t * (hb - ha)[:, None]).flatten(0, 1)
-    decoded = decode_means(vae, z.flatten(0, 1), context).unflatten(0, (pairs, steps))
-    rows = torch.cat([as_images(a)[:, None], decoded, as_images(b)[:, None]], dim=1)
+    decoded = decode_means(vae, z.flatten(0, 1), context, size).unflatten(0, (pairs, steps))
+    rows = torch.cat([fit(a, size)[:, None], decoded, fit(b, size)[:, None]], dim=1)
     return make_grid(rows.flatten(0, 1), nrow=steps + 2, pad_value=1)

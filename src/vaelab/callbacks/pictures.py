@@ -23,6 +23,13 @@ def tensorboard(trainer: L.Trainer):
     return None
 
 
+def logged_step(trainer: L.Trainer) -> int:
+    """The step Lightning logs an epoch's validation metrics at (the epoch's last optimizer step),
+    so that pictures line up with them and survive a resume from that epoch's checkpoint, whose
+    TensorBoard `purge_step` hides only what came after it."""
+    return max(trainer.global_step - 1, 0)
+
+
 class Picture(L.Callback):
     """Base: draws after validation every `every_n_epochs` epochs (and after the last one)."""
 
@@ -33,7 +40,8 @@ class Picture(L.Callback):
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def fixed_batch(self, trainer: L.Trainer, module: L.LightningModule):
-        """The first `n_images` validation images and labels (the val loader is not shuffled)."""
+        """The first `n_images` validation images and labels (the val loader is not shuffled),
+        kept: for pictures of a few images (see `val_means` for many)."""
         if self._batch is None:
             xs, ys, n = [], [], 0
             for x, y in trainer.val_dataloaders:
@@ -46,6 +54,11 @@ class Picture(L.Callback):
             self._batch = torch.cat(xs)[: self.n_images], torch.cat(ys)[: self.n_images]
         x, y = self._batch
         return x.to(module.device), y.to(module.device)
+
+    def val_means(self, trainer: L.Trainer, vae: VAE, thumbnails: bool = False):
+        """Posterior means, labels (and thumbnails) of the first `n_images` validation images,
+        read batch by batch: memory does not grow with `n_images`."""
+        return pictures.encode_stream(vae, trainer.val_dataloaders, self.n_images, thumbnails)
 
     def due(self, trainer: L.Trainer) -> bool:
         epoch = trainer.current_epoch + 1
@@ -74,7 +87,8 @@ class Picture(L.Callback):
     def draw(self, writer, vae: VAE, trainer, module) -> None:
         raise NotImplementedError
 
-    def add(self, writer, image_or_figure, step: int) -> None:
+    def add(self, writer, image_or_figure, trainer: L.Trainer) -> None:
+        step = logged_step(trainer)
         if isinstance(image_or_figure, torch.Tensor):
             writer.add_image(self.tag, image_or_figure, step)
         else:
@@ -92,7 +106,7 @@ class Reconstructions(Picture):
 
     def draw(self, writer, vae, trainer, module):
         x, y = self.fixed_batch(trainer, module)
-        self.add(writer, pictures.reconstruction_grid(vae, x, self.nrow, y), trainer.global_step)
+        self.add(writer, pictures.reconstruction_grid(vae, x, self.nrow, y), trainer)
 
 
 class PriorSamples(Picture):
@@ -107,7 +121,7 @@ class PriorSamples(Picture):
 
     def draw(self, writer, vae, trainer, module):
         grid = pictures.sample_grid(vae, self.n_images, self.nrow, self.seed)
-        self.add(writer, grid, trainer.global_step)
+        self.add(writer, grid, trainer)
 
 
 class LatentManifold(Picture):
@@ -123,14 +137,13 @@ class LatentManifold(Picture):
         self.n, self.frame = n, frame
 
     def draw(self, writer, vae, trainer, module):
-        x, y = self.fixed_batch(trainer, module)
-        dims = pictures.manifold_dims(vae, x, y)
-        columns, rows, base = pictures.manifold_axes(vae, dims, self.n, self.frame, x, y)
+        means, y, _ = self.val_means(trainer, vae)
+        dims = pictures.manifold_dims(vae, means)
         label = int(y[0]) if vae.conditional else None
+        columns, rows, base = pictures.manifold_axes(vae, dims, self.n, self.frame, means, label)
         images = pictures.manifold_images(vae, columns, rows, dims, base, label)
         title = f"{self.frame} 5%-95% quantiles" + (f", class {label}" if vae.conditional else "")
-        self.add(writer, pictures.manifold_figure(images, columns, rows, dims, title),
-                 trainer.global_step)
+        self.add(writer, pictures.manifold_figure(images, columns, rows, dims, title), trainer)
 
 
 class LatentScatter(Picture):
@@ -144,8 +157,8 @@ class LatentScatter(Picture):
         self.method = method
 
     def draw(self, writer, vae, trainer, module):
-        x, y = self.fixed_batch(trainer, module)
-        self.add(writer, pictures.latent_scatter(vae, x, y, self.method), trainer.global_step)
+        means, y, _ = self.val_means(trainer, vae)
+        self.add(writer, pictures.latent_scatter(vae, means, y, self.method), trainer)
 
 
 class Interpolations(Picture):
@@ -162,12 +175,12 @@ class Interpolations(Picture):
         if len(x) < 2:
             raise ValueError("fewer than 2 validation images")
         grid = pictures.interpolation_grid(vae, x[0::2], x[1::2], self.steps, y[0::2], y[1::2])
-        self.add(writer, grid, trainer.global_step)
+        self.add(writer, grid, trainer)
 
 
 class EmbeddingProjector(Picture):
     """At the end of fit: latent means with label metadata and image sprites for TensorBoard's
-    projector."""
+    projector (thumbnails, shrunk so that the sprite stays within pictures.GRID_PIXELS)."""
 
     tag = "latent_means"
 
@@ -182,7 +195,6 @@ class EmbeddingProjector(Picture):
         self.draw_now(trainer, module)
 
     def draw(self, writer, vae, trainer, module):
-        x, y = self.fixed_batch(trainer, module)
-        means = pictures.encode_means(vae, x, y).cpu()
-        writer.add_embedding(means, metadata=y.tolist(), label_img=pictures.as_images(x),
-                             global_step=trainer.global_step, tag=self.tag)
+        means, y, thumbnails = self.val_means(trainer, vae, thumbnails=True)
+        writer.add_embedding(means, metadata=y.tolist(), label_img=thumbnails,
+                             global_step=logged_step(trainer), tag=self.tag)

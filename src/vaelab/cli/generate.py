@@ -67,21 +67,20 @@ def generate(cfg: DictConfig) -> dict[str, Path]:
         save("interpolation",
              pictures.interpolation_grid(vae, a.to(device), b.to(device), spec.steps, ya, yb))
     if "manifold" in cfg.pictures or "latent_scatter" in cfg.pictures:
-        n = min(cfg.latent_scatter.n, len(dataset))
-        order = torch.randperm(len(dataset), generator=generator)[:n]
-        x, y = runs.take(dataset, order)
-        x = x.to(device)
+        # a random sample of the split, read CHUNK images at a time: only the means are kept
+        order = torch.randperm(len(dataset), generator=generator)[:cfg.latent_scatter.n]
+        batches = (runs.take(dataset, rows) for rows in order.split(pictures.CHUNK))
+        means, y, _ = pictures.encode_stream(vae, batches, len(order))
     if "manifold" in cfg.pictures:
         spec = cfg.manifold
-        dims = tuple(spec.dims) if spec.dims is not None else pictures.manifold_dims(vae, x, y)
+        dims = tuple(spec.dims) if spec.dims is not None else pictures.manifold_dims(vae, means)
         label = (int(y[0]) if cfg.label is None else int(cfg.label)) if vae.conditional else None
-        labels = None if label is None else torch.full((len(x),), label)
-        columns, rows, base = pictures.manifold_axes(vae, dims, spec.n, spec.frame, x, labels)
+        columns, rows, base = pictures.manifold_axes(vae, dims, spec.n, spec.frame, means, label)
         images = pictures.manifold_images(vae, columns, rows, dims, base, label)
         title = f"{spec.frame} 5%-95% quantiles" + ("" if label is None else f", class {label}")
         save("manifold", pictures.manifold_figure(images, columns, rows, dims, title))
     if "latent_scatter" in cfg.pictures:
-        save("latent_scatter", pictures.latent_scatter(vae, x, y, cfg.latent_scatter.method))
+        save("latent_scatter", pictures.latent_scatter(vae, means, y, cfg.latent_scatter.method))
     return written
 
 
