@@ -274,6 +274,13 @@ def payloads(victim: Path, marker: Path) -> dict[str, dict]:
                        "_args_": [{"_target_": "pathlib.Path", "_args_": [str(victim)]}, "x"]},
         "nested": {"_target_": "vaelab.objectives.ELBO",
                    "beta": {"_target_": "builtins.open", "file": str(victim), "mode": "w"}},
+        # interpolations that build a spec when resolved, or write when resolved
+        "create": {"_target_": "vaelab.objectives.ELBO",
+                   "beta": f"${{oc.create:{{_target_:builtins.open,file:'{victim}',mode:w}}}}"},
+        "decode": {"_target_": "vaelab.objectives.ELBO",
+                   "beta": f"${{oc.decode:'{{_target_: os.system, _args_: [touch {marker}]}}'}}"},
+        "resolver": {"_target_": "vaelab.data.MNISTDataModule",
+                     "data_dir": f"${{vaelab.run_dir:null,null,'{marker}'}}"},
     }
 
 
@@ -281,13 +288,14 @@ def refused_everywhere(calls, victim: Path, marker: Path) -> None:
     from vaelab.loadable import UnsafeSpecError
 
     for name, call in calls.items():
-        with pytest.raises(UnsafeSpecError, match="does not load from files"):
+        with pytest.raises(UnsafeSpecError, match="does not load from files|was refused"):
             call()
         assert victim.read_text() == "precious", name
         assert not marker.exists(), name
 
 
-@pytest.mark.parametrize("payload", ["open", "system", "subprocess", "write_text", "nested"])
+@pytest.mark.parametrize("payload", ["open", "system", "subprocess", "write_text", "nested",
+                                     "create", "decode", "resolver"])
 @pytest.mark.parametrize("key", ["objective", "model", "optimizer"])
 def test_checkpoint_hyperparameters_may_not_name_code(compose_train, mlp_run, tmp_path, payload,
                                                       key):
@@ -370,7 +378,7 @@ def test_bad_generate_values_name_the_key(mlp_run, override, words):
     assert not (mlp_run / "generated").exists()
 
 
-@pytest.mark.parametrize("payload", ["open", "system", "nested"])
+@pytest.mark.parametrize("payload", ["open", "system", "nested", "create", "decode", "resolver"])
 def test_a_run_dirs_config_may_not_name_code(compose_train, tmp_path, payload):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -424,14 +432,21 @@ def test_a_missing_checkpoint_fails_and_leaves_nothing_behind(data_dir, tmp_path
     assert not run.exists()
 
 
-def test_resuming_a_finished_run_keeps_its_metrics(compose_train, mlp_run, tmp_path):
-    before = json.loads((mlp_run / "metrics.json").read_text())
-    train(compose_train(CPU, "trainer.max_epochs=1", *NO_PICTURES, f"resume={mlp_run}",
+def test_resuming_a_finished_run_is_refused_and_more_epochs_keep_its_metrics(compose_train,
+                                                                            mlp_run):
+    before = (mlp_run / "metrics.json").read_bytes()
+    with pytest.raises(ValueError, match="already finished.*trainer.max_epochs=2"):
+        train(compose_train(CPU, "trainer.max_epochs=1", *NO_PICTURES, f"resume={mlp_run}",
+                            output_dir=mlp_run))
+    with pytest.raises(ValueError, match="already finished"):  # a step budget it has reached
+        train(compose_train(CPU, "trainer.max_epochs=-1", "+trainer.max_steps=3", *NO_PICTURES,
+                            f"resume={mlp_run}", output_dir=mlp_run))
+    assert (mlp_run / "metrics.json").read_bytes() == before  # not rewritten
+    train(compose_train(CPU, "trainer.max_epochs=2", *NO_PICTURES, f"resume={mlp_run}",
                         output_dir=mlp_run))
-    after = json.loads((mlp_run / "metrics.json").read_text())
-    assert after["train/loss"] == before["train/loss"] and after["val/nelbo"] == before[
-        "val/nelbo"]
-    assert after["time/train_s"] >= before["time/train_s"]
+    old, new = json.loads(before), json.loads((mlp_run / "metrics.json").read_text())
+    assert new["time/train_s"] > old["time/train_s"]  # both fits' time
+    assert set(old) <= set(new) and new["train/loss"] != old["train/loss"]  # epoch 2's numbers
 
 
 def test_a_copied_run_dir_never_uses_the_originals_checkpoint(mlp_run, tmp_path):

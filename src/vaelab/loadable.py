@@ -5,8 +5,14 @@ but their hyperparameters and `.hydra/config.yaml` are Hydra specs, and `instant
 whatever `_target_` they name (`builtins.open`, `os.system`, ...). Every spec read from disk is
 checked here first, down to nested dicts and `_args_` lists; a config typed on the command line is
 the user's own and is not restricted.
+
+Interpolations are code too: `instantiate` resolves them, and `${oc.create:{_target_: ...}}` or
+`${oc.decode:...}` would build a spec that no check saw, while a resolver such as vaelab's run-dir
+claim writes to disk. So a spec handed to `instantiate` must be resolved (no `${` left), and a run
+dir's config may use only the resolvers that read (`oc.env`, `oc.select`, `hydra`, `now`).
 """
 
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -20,6 +26,8 @@ LOADABLE: set[str] = {
     "vaelab.data.MNISTDataModule", "vaelab.data.ImageFolderDataModule",
     "vaelab.schedules.iwae_paper",
 }
+READING_RESOLVERS = {"oc.env", "oc.select", "hydra", "now"}
+RESOLVER = re.compile(r"\$\{\s*([^:}\s]+)\s*:")  # `${name:` opens a resolver's call
 # torch's own optimizers and LR schedulers, by class (checked on the module, never imported)
 TORCH_FAMILIES = {"torch.optim": torch.optim.Optimizer,
                   "torch.optim.lr_scheduler": (torch.optim.lr_scheduler.LRScheduler,
@@ -49,23 +57,45 @@ def is_loadable(target: Any) -> bool:
     return isinstance(candidate, type) and issubclass(candidate, family)
 
 
-def targets(spec: Any, path: str = "") -> Iterator[tuple[str, Any]]:
-    """Every (where, _target_) in a nested spec of dicts and lists."""
+def walk(spec: Any, path: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """Every (where, key, value) in a nested spec of dicts and lists (keys of lists: None)."""
     if isinstance(spec, Mapping):  # dicts and OmegaConf DictConfigs
-        for key, value in spec.items():
-            where = f"{path}.{key}" if path else str(key)
-            if key == "_target_":
-                yield where, value
-            else:
-                yield from targets(value, where)
+        items = spec.items()
     elif isinstance(spec, list | tuple):
-        for i, value in enumerate(spec):
-            yield from targets(value, f"{path}[{i}]")
+        items = enumerate(spec)
+    else:
+        return
+    for key, value in items:
+        where = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key
+        yield where, key, value
+        if key != "_target_":
+            yield from walk(value, where)
+
+
+def strings(spec: Any) -> Iterator[tuple[str, str]]:
+    return ((where, value) for where, _, value in walk(spec) if isinstance(value, str))
+
+
+def check_resolvers(config: Any, source) -> None:
+    """Refuse an unresolved config from `source` that calls a resolver which builds or writes."""
+    bad = [(where, name) for where, text in strings(config) for name in RESOLVER.findall(text)
+           if name not in READING_RESOLVERS]
+    if bad:
+        listed = ", ".join(f"{where} calls ${{{name}:...}}" for where, name in bad)
+        raise UnsafeSpecError(f"{source} was refused: {listed}; a run dir's config may only use "
+                              f"the resolvers {sorted(READING_RESOLVERS)}")
 
 
 def check(spec: Any, source) -> None:
-    """Refuse a spec read from `source` that names any target vaelab does not declare."""
-    bad = [(where, target) for where, target in targets(spec) if not is_loadable(target)]
+    """Refuse a resolved spec read from `source` that names any target vaelab does not declare,
+    or still holds an interpolation that `instantiate` would resolve."""
+    unresolved = [where for where, text in strings(spec) if "${" in text]
+    if unresolved:
+        raise UnsafeSpecError(f"{source} was refused: interpolations (${{...}}) in "
+                              f"{', '.join(unresolved)} could build code that no check saw; "
+                              f"vaelab writes resolved values only")
+    bad = [(where, target) for where, key, target in walk(spec)
+           if key == "_target_" and not is_loadable(target)]
     if bad:
         listed = ", ".join(f"{where}={target!r}" for where, target in bad)
         raise UnsafeSpecError(

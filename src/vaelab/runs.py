@@ -48,7 +48,9 @@ def run_config(run: Path) -> DictConfig:
     path = run / ".hydra" / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: point run_dir at a folder made by train.py")
-    return OmegaConf.load(path)
+    config = OmegaConf.load(path)
+    loadable.check_resolvers(OmegaConf.to_container(config, resolve=False), path)
+    return config
 
 
 def device(name: str) -> torch.device:

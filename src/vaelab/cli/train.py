@@ -134,6 +134,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if ckpt_path:  # refuse a wrong or unsafe checkpoint before any training
         checkpoint = read_checkpoint(ckpt_path)
         check_same_architecture(checkpoint, dict(module.hparams), ckpt_path)
+        refuse_finished(checkpoint, cfg.trainer, output_dir)
         resume_step = checkpoint.get("global_step")
         remove_partial_files(Path(ckpt_path).parent)
         log.info("resuming from %s at step %s", ckpt_path, resume_step)
@@ -167,6 +168,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log_hparams(trainer, cfg, metrics)
         write_metrics(output_dir / "metrics.json", metrics)
     return metrics
+
+
+def refuse_finished(checkpoint: dict[str, Any], trainer: DictConfig, run: Path) -> None:
+    """A resume with nothing left to train would only re-test and rewrite a finished run's
+    metrics.json: refuse it, and say how to train on or get more numbers."""
+    epochs = checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"]
+    max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps") or -1
+    done = (max_epochs not in (None, -1) and epochs >= max_epochs) or (
+        max_steps > 0 and checkpoint.get("global_step", 0) >= max_steps)
+    if done and (run / "metrics.json").is_file():
+        raise ValueError(
+            f"{run} has already finished: its checkpoint trained {epochs} epochs "
+            f"({checkpoint.get('global_step')} steps) and metrics.json holds its numbers. Give "
+            f"trainer.max_epochs={epochs + 1} or more to train on, or run vaelab-eval "
+            f"run_dir={run} for importance-sampled numbers; metrics.json is left as it is.")
 
 
 def relative_to(path: str, folder: Path) -> str:
