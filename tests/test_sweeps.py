@@ -162,3 +162,17 @@ def test_job_names_keep_only_swept_keys(monkeypatch):
     assert sweep_subdir(1, ["beta=4", "seed=3", "model.hidden_dims=[4,2]"], None) == "1_beta=4"
     assert sweep_subdir(0, ["lr=0.00190303683817358", "seed=3"], {"lr": "x"}) == "0_lr=0.001903"
     assert sweep_subdir(2, ["seed=3"], None) == "2"
+
+
+def test_sweeps_in_one_folder_name_get_their_own_folders(data_dir, tmp_path):
+    """The default sweep dir is claimed like a run dir (`vaelab.claim`): a second sweep started
+    in the same second writes to `<time>_2`, and joblib's worker processes, which resolve the
+    config again, still join the folder their sweep claimed."""
+    claimed = "hydra.sweep.dir=${vaelab.claim:" + str(tmp_path / "sweep") + "}"
+    train_py(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "latent_dim=2,3",
+              claimed], data_dir, tmp_path)
+    train_py(["-m", "latent_dim=2,3", claimed], data_dir, tmp_path)
+    for sweep in (tmp_path / "sweep", tmp_path / "sweep_2"):
+        assert [r["status"] for r in rows(sweep)] == ["ok", "ok"], sweep
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("sweep")) == [
+        "sweep", "sweep_2"]

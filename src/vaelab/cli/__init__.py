@@ -105,4 +105,6 @@ def sweep_subdir(num: int, task_overrides, sweeper_params) -> str:
 OmegaConf.register_new_resolver("vaelab.sweep_subdir", sweep_subdir, replace=True)
 OmegaConf.register_new_resolver("vaelab.resume_checkpoint", resume_checkpoint, replace=True)
 OmegaConf.register_new_resolver("vaelab.run_dir", run_dir, replace=True)
+# cached: the jobs of a sweep (also in joblib's worker processes) read the folder it claimed
+OmegaConf.register_new_resolver("vaelab.claim", claim, replace=True, use_cache=True)
 OmegaConf.register_new_resolver("vaelab.config_subdir", config_subdir, replace=True)
