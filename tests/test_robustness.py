@@ -486,24 +486,44 @@ def test_zero_epochs_is_refused(compose_train):
         train(compose_train(CPU, "trainer.max_epochs=0"))
 
 
-@pytest.mark.parametrize("damage, words", [
-    (lambda b: b[:-100], "truncated or corrupt"),
-    (lambda b: b[:6], "inside its header"),
-    (lambda b: b"\x00\x00\x0d\x03" + b[4:], "not an IDX file"),
+def relabelled(b: bytes, count: int) -> bytes:
+    """A consistent labels IDX file holding only the first `count` labels."""
+    import struct
+
+    return b[:4] + struct.pack(">I", count) + b[8:8 + count]
+
+
+def resized(b: bytes, side: int) -> bytes:
+    """A consistent images IDX file of the same count with smaller images (cropped)."""
+    import struct
+
+    n, h, w = struct.unpack(">3I", b[4:16])
+    images = torch.frombuffer(bytearray(b[16:]), dtype=torch.uint8).view(n, h, w)
+    return b[:4] + struct.pack(">3I", n, side, side) + images[:, :side, :side].numpy().tobytes()
+
+
+@pytest.mark.parametrize("victim, damage, words", [
+    ("t10k-images-idx3-ubyte", lambda b: b[:-100], "truncated or corrupt"),
+    ("t10k-images-idx3-ubyte", lambda b: b[:6], "inside its header"),
+    ("t10k-images-idx3-ubyte", lambda b: b"\x00\x00\x0d\x03" + b[4:], "not an IDX file"),
+    ("train-labels-idx1-ubyte", lambda b: b[:1], "not an IDX file"),
+    ("train-labels-idx1-ubyte", lambda b: b + b"\x00", "truncated or corrupt"),
+    ("t10k-labels-idx1-ubyte", lambda b: relabelled(b, 19), r"labels of shape \[19\]"),
+    ("t10k-images-idx3-ubyte", lambda b: resized(b, 27), r"shape \[32, 27, 27\]"),
 ])
-def test_a_damaged_idx_file_is_named(compose_train, data_dir, tmp_path, damage, words):
+def test_a_damaged_idx_file_is_named(compose_train, data_dir, tmp_path, victim, damage, words):
     import shutil
 
     from hydra.utils import instantiate
 
     copy = tmp_path / "data"
     shutil.copytree(data_dir, copy)
-    victim = copy / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
-    victim.write_bytes(damage(victim.read_bytes()))
+    path = copy / "MNIST" / "raw" / victim
+    path.write_bytes(damage(path.read_bytes()))
     datamodule = instantiate(compose_train(CPU, f"paths.data_dir={copy}").data)
     with pytest.raises(ValueError, match=words) as err:
         datamodule.prepare_data()
-    assert "t10k-images-idx3-ubyte" in str(err.value)
+    assert victim in str(err.value)
 
 
 def test_a_checkpoint_saved_with_the_weights_that_gave_a_nan_is_rolled_back(compose_train,

@@ -16,10 +16,10 @@ from vaelab.data.tensor_images import TensorDataModule, TensorImages
 DATASETS = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}
 
 
-def check_idx(path: Path) -> None:
-    """Fail with the file's name and what is wrong with it, before torchvision reads it: the IDX
-    header (two zero bytes, type 0x08 for unsigned bytes, the number of dimensions, then each
-    dimension as a big-endian uint32) must describe exactly the bytes that follow."""
+def check_idx(path: Path) -> tuple[int, ...]:
+    """The file's dimensions, or an error naming it and what is wrong, before torchvision reads
+    it: the IDX header (two zero bytes, type 0x08 for unsigned bytes, the number of dimensions,
+    then each dimension as a big-endian uint32) must describe exactly the bytes that follow."""
     data = path.read_bytes()
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08 or not 1 <= data[3] <= 4:
         raise ValueError(f"{path} is not an IDX file of unsigned bytes (its first bytes are "
@@ -33,6 +33,20 @@ def check_idx(path: Path) -> None:
     if len(data) != expected:
         raise ValueError(f"{path} holds {len(data)} bytes but its header {list(dims)} promises "
                          f"{expected} (truncated or corrupt); replace it with the original")
+    return dims
+
+
+def check_pair(raw: Path, dims: dict[str, tuple[int, ...]]) -> None:
+    """Each split's images file must hold [N, 28, 28] and its labels file [N], the same N."""
+    for split in ("train", "t10k"):
+        images, labels = f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte"
+        if images not in dims or labels not in dims:
+            continue
+        shape, count = dims[images], dims[labels]
+        if len(shape) != 3 or shape[1:] != (28, 28) or len(count) != 1 or shape[0] != count[0]:
+            raise ValueError(f"{raw}: {images} holds images of shape {list(shape)} and {labels} "
+                             f"labels of shape {list(count)}; they must be [N, 28, 28] and [N] "
+                             f"with the same N. Replace them with the original files")
 
 
 class MNISTDataModule(TensorDataModule):
@@ -75,9 +89,8 @@ class MNISTDataModule(TensorDataModule):
         """Download once (rank zero); offline, say where the files must go. Files that are there
         but damaged are named, never mistaken for missing ones."""
         raw = self.data_dir / self.dataset_class.__name__ / "raw"
-        for url, _ in self.dataset_class.resources:
-            if (raw / Path(url).stem).is_file():
-                check_idx(raw / Path(url).stem)
+        present = [raw / Path(url).stem for url, _ in self.dataset_class.resources]
+        check_pair(raw, {path.name: check_idx(path) for path in present if path.is_file()})
         for train in (True, False):
             try:
                 self._load(train)
