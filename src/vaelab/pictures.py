@@ -54,6 +54,12 @@ def fit(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", antialias=True).clamp(0, 1)
 
 
+def class_of(labels: torch.Tensor | None) -> torch.Tensor | None:
+    """Labels to colour by: a class per image, or the first factor of factor classes [N, F]
+    (dSprites: the shape)."""
+    return labels[:, 0] if labels is not None and labels.ndim == 2 else labels
+
+
 def context_of(vae: VAE, labels: torch.Tensor | None) -> torch.Tensor | None:
     """Labels as the model's context: kept for conditional models, dropped for the others."""
     if not vae.conditional:
@@ -263,7 +269,7 @@ def latent_scatter(vae: VAE, means: torch.Tensor, labels: torch.Tensor | None,
         title = f"posterior means, {vae.latent_dim}-D projected by {method.upper()}"
         prefix = "PC" if method == "pca" else "t-SNE"
         names = (f"{prefix} 1", f"{prefix} 2")
-    return scatter_figure(project_2d(means, method), labels, title, names)
+    return scatter_figure(project_2d(means, method), class_of(labels), title, names)
 
 
 @torch.no_grad()

@@ -72,6 +72,8 @@ class Data(Section):
     val_fraction: Fraction | None = None
     test_fraction: Fraction | None = None
     binarize: Literal["none", "static", "dynamic"] | None = None
+    source: Literal["archive", "generated"] | None = None
+    test_size: Count | None = None
     memory_limit_gb: Weight | None = None
 
 

@@ -196,5 +196,5 @@ class EmbeddingProjector(Picture):
 
     def draw(self, writer, vae, trainer, module):
         means, y, thumbnails = self.val_means(trainer, vae, thumbnails=True)
-        writer.add_embedding(means, metadata=y.tolist(), label_img=thumbnails,
+        writer.add_embedding(means, metadata=pictures.class_of(y).tolist(), label_img=thumbnails,
                              global_step=logged_step(trainer), tag=self.tag)
