@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COUNTS = {  # the default picture counts of conf/callbacks/default.yaml
     "reconstructions.n_images": 32, "prior_samples.n_images": 64, "latent_manifold.n": 20,
     "latent_scatter.n_images": 2000, "interpolations.pairs": 8,
-    "embedding_projector.n_images": 1000,
+    "embedding_projector.n_images": 1000, "traversals.n_images": 64, "traversals.max_rows": 16,
 }
 
 

@@ -223,7 +223,7 @@ def test_each_family_trains_evaluates_and_draws_every_picture(compose_train, tmp
     events.Reload()
     assert set(events.Tags()["images"]) == {
         "pictures/reconstructions", "pictures/samples", "pictures/manifold",
-        "pictures/latent_scatter", "pictures/interpolations"}
+        "pictures/latent_scatter", "pictures/interpolations", "pictures/traversals"}
     save_run_config(cfg, tmp_path)
 
     results = evaluate(compose_tool("eval", f"run_dir={tmp_path}", "nll_samples=20",
@@ -235,6 +235,8 @@ def test_each_family_trains_evaluates_and_draws_every_picture(compose_train, tmp
     written = generate(compose_tool("generate", f"run_dir={tmp_path}", "latent_scatter.n=16",
                                     "manifold.n=5", "device=auto"))
     assert set(written) == set(PICTURES) and all(p.stat().st_size > 0 for p in written.values())
+    with Image.open(written["traversals"].with_suffix(".gif")) as gif:
+        assert gif.n_frames == 2 * 10 - 2  # 10 steps there and back
     if model.startswith("cvae"):
         rows = Image.open(generate(compose_tool(
             "generate", f"run_dir={tmp_path}", "pictures=[samples]", "label=3", "samples.n=16",

@@ -143,3 +143,84 @@ def test_fixed_gaussian_is_mse_up_to_a_constant():
     torch.testing.assert_close(nll, mse + const)
     assert not any(p.requires_grad for p in lik.parameters())
     assert list(GaussianLikelihood(learn_scale=True).parameters())
+
+
+# -- the disentangling objectives -----------------------------------------------------------------
+
+def gaussian_posteriors(means: torch.Tensor, std: float):
+    """A VAE stand-in whose posteriors are N(means_j, std^2 I) for inputs j, with an N(0, I)
+    prior: what the beta-TCVAE's estimator reads."""
+    vae = VAE(nn.Identity(), nn.Identity(), GaussianLikelihood(), means.shape[1],
+              (means.shape[1],))
+    return vae, Independent(Normal(means, torch.full_like(means, std)), 1)
+
+
+def test_total_correlation_estimate_finds_a_known_dependence():
+    """Posterior means from N(0, [[1, r], [r, 1]]) with posterior std s: the aggregate posterior
+    is close to N(0, [[1 + s^2, r], [r, 1 + s^2]]), whose total correlation is
+    -log(1 - rho^2) / 2, rho = r / (1 + s^2). MWS adds the same constant whatever the correlation,
+    so the estimate for correlated means minus the one for independent means is that TC."""
+    from vaelab.objectives import BetaTCVAE
+
+    torch.manual_seed(0)
+    r, s, m = 0.8, 0.5, 3000
+    rho = r / (1 + s ** 2)
+    expected = -0.5 * math.log(1 - rho ** 2)  # 0.263 nats
+    objective = BetaTCVAE(dataset_size=100_000)
+    estimates = {}
+    for name, corr in (("independent", 0.0), ("correlated", r)):
+        cov = torch.tensor([[1.0, corr], [corr, 1.0]])
+        means = MultivariateNormal(torch.zeros(2), cov).sample((m,))
+        vae, q = gaussian_posteriors(means, s)
+        z = q.sample()
+        parts = objective.decompose(vae, q, z)
+        estimates[name] = parts["tc"].item()
+        # the three parts are the KL's Monte-Carlo estimate exactly
+        kl = (q.log_prob(z) - vae.prior().log_prob(z)).mean()
+        torch.testing.assert_close(parts["mi"] + parts["tc"] + parts["dwkl"], kl)
+    assert estimates["correlated"] - estimates["independent"] == pytest.approx(expected, abs=0.04)
+
+
+def test_beta_tcvae_weights_its_parts_and_needs_the_dataset_size():
+    from vaelab.objectives import BetaTCVAE
+
+    torch.manual_seed(0)
+    vae, q = gaussian_posteriors(torch.randn(64, 3), 0.7)
+    z = q.rsample((1,))
+    kl = torch.tensor(1.0)
+    for beta in (1.0, 6.0):
+        objective = BetaTCVAE(beta=beta, alpha=0.5, gamma=2.0, dataset_size=1000)
+        torch.manual_seed(1)
+        penalty, parts = objective.penalty(vae, q, z, kl, step=0)
+        expected = 0.5 * parts["mi"] + beta * parts["tc"] + 2.0 * parts["dwkl"]
+        torch.testing.assert_close(penalty, expected)
+    with pytest.raises(ValueError, match="dataset_size"):
+        BetaTCVAE().decompose(vae, q, z[0])
+
+
+def test_annealed_capacity_rises_linearly_then_holds():
+    from vaelab.objectives import AnnealedCapacity
+
+    objective = AnnealedCapacity(gamma=100.0, capacity=20.0, capacity_steps=1000)
+    assert [objective.capacity_at(s) for s in (0, 250, 1000, 5000)] == [0.0, 5.0, 20.0, 20.0]
+    penalty, logged = objective.penalty(None, None, None, torch.tensor(8.0), step=250)
+    assert penalty.item() == pytest.approx(100.0 * 3.0) and logged["capacity"].item() == 5.0
+
+
+@pytest.mark.parametrize("variant, expected", [
+    # covariance of the means [[4, 1], [1, 1]] (+ mean variance 0.25 on the diagonal for ii)
+    ("i", 10 * 2 * 1.0 + 100 * (3.0 ** 2 + 0.0 ** 2)),
+    ("ii", 10 * 2 * 1.0 + 10 * (3.25 ** 2 + 0.25 ** 2)),
+])
+def test_dip_vae_penalizes_the_aggregate_covariance(variant, expected):
+    from vaelab.objectives import DIPVAE
+
+    means = MultivariateNormal(torch.zeros(2), torch.tensor([[4.0, 1.0], [1.0, 1.0]])).sample(
+        (200_000,))
+    q = Independent(Normal(means, torch.full_like(means, 0.5)), 1)
+    objective = DIPVAE(variant=variant, lambda_od=10.0,
+                       lambda_d_factor=10.0 if variant == "i" else 1.0, beta=0.0)
+    penalty, logged = objective.penalty(None, q, None, torch.tensor(0.0), step=0)
+    assert logged["dip"].item() == pytest.approx(expected, rel=0.05)
+    identity = Independent(Normal(torch.randn(200_000, 2), torch.full((200_000, 2), 1e-3)), 1)
+    assert objective.penalty(None, identity, None, torch.tensor(0.0), 0)[0].item() < 0.2

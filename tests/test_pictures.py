@@ -17,7 +17,7 @@ from vaelab.likelihoods import GaussianLikelihood
 from vaelab.models.vae import VAE
 
 TAGS = ["pictures/reconstructions", "pictures/samples", "pictures/manifold",
-        "pictures/latent_scatter", "pictures/interpolations"]
+        "pictures/latent_scatter", "pictures/interpolations", "pictures/traversals"]
 
 
 def linear_vae(latent_dim=4, data_dim=6, active=(1, 3)) -> VAE:
@@ -186,7 +186,8 @@ def test_a_resume_from_an_epoch_end_keeps_that_epochs_pictures(compose_train, tm
 def test_pictures_can_be_switched_off(compose_train, tmp_path):
     off = [f"callbacks.{name}=null" for name in ("reconstructions", "prior_samples",
                                                   "latent_manifold", "latent_scatter",
-                                                  "interpolations", "embedding_projector")]
+                                                  "interpolations", "embedding_projector",
+                                                  "traversals")]
     train(compose_train("trainer.accelerator=cpu", "trainer.max_epochs=1", *off))
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
@@ -250,5 +251,28 @@ def test_pictures_on_tiny_splits_draw_what_they_can_and_never_stop_the_run(
     events.Reload()
     drawn = set(events.Tags()["images"])
     assert {"pictures/reconstructions", "pictures/samples", "pictures/manifold",
-            "pictures/latent_scatter"} <= drawn
+            "pictures/latent_scatter", "pictures/traversals"} <= drawn
     assert ("pictures/interpolations" in drawn) == (val_size >= 2)  # a pair needs two images
+
+
+def test_traversals_sweep_one_dim_per_row_ordered_by_kl():
+    """linear_vae: units 1 and 3 are active (their KL is large), 0 and 2 collapsed (KL 0.5 log
+    terms only); pixel d of the decoding is (1 + z_d) / 2 for d = 0, 1."""
+    torch.manual_seed(0)
+    vae = linear_vae(active=(1, 3))
+    x = torch.randn(200, 1, 1, 6) * 2
+    order, values, word = pictures.dimension_order(vae, [(x, None)])
+    assert word == "KL" and set(order[:2]) == {1, 3} and values[1] > values[0]
+    reference = torch.zeros(1, 1, 6)
+    reference[0, 0, 1] = 0.4  # unit 1's mean is x_1 = 0.4
+    images = pictures.traversal_images(vae, reference, [1, 0], steps=5, span=1.0).flatten(2)
+    assert images.shape == (2, 5, 6)
+    torch.testing.assert_close(images[0, :, 1], torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]))
+    torch.testing.assert_close(images[0, :, 0], torch.full((5,), 0.5))  # z0 held at its mean 0
+    torch.testing.assert_close(images[1, :, 0], torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]))
+    torch.testing.assert_close(images[1, :, 1], torch.full((5,), 0.7))  # z1 held at 0.4
+    figure = pictures.traversal_figure(images.view(2, 5, 1, 1, 6), [1, 0], values, word, 1.0)
+    labels = [t.get_text() for t in figure.axes[0].get_yticklabels()]
+    assert labels[0] == f"z[1] KL {values[1]:.2f}" and labels[1].startswith("z[0] KL")
+    frames = pictures.traversal_frames(images.view(2, 5, 1, 1, 6))
+    assert len(frames) == 8  # 5 steps there, 3 back

@@ -21,7 +21,8 @@ from vaelab.cli.train import train
 CPU = "trainer.accelerator=cpu"
 NO_PICTURES = [f"callbacks.{k}=null" for k in ("reconstructions", "prior_samples",
                                                 "latent_manifold", "latent_scatter",
-                                                "interpolations", "embedding_projector")]
+                                                "interpolations", "embedding_projector",
+                                                "traversals")]
 
 
 def events(run_dir: Path) -> EventAccumulator:

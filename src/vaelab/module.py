@@ -74,6 +74,13 @@ class VAEModule(L.LightningModule):
         read_checkpoint(checkpoint_path)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
+    def setup(self, stage: str) -> None:
+        """Objectives that estimate the aggregate posterior (the beta-TCVAE) are told the
+        training set's size."""
+        datamodule = self.trainer.datamodule
+        if getattr(self.objective, "dataset_size", 0) is None and datamodule is not None:
+            self.objective.dataset_size = len(datamodule.train_set)
+
     def _means(self, stage: str) -> EpochMeans:
         return self.means[f"{stage}_means"]
 

@@ -15,7 +15,8 @@ import torch
 
 from vaelab.models.vae import VAE, normal_kl
 
-__all__ = ["ELBO", "IWAE", "log_importance_weights", "normal_kl"]
+__all__ = ["ELBO", "IWAE", "BetaTCVAE", "AnnealedCapacity", "DIPVAE", "log_importance_weights",
+           "normal_kl"]
 
 
 def log_importance_weights(vae: VAE, q, z: torch.Tensor, log_px_z: torch.Tensor,
@@ -106,3 +107,105 @@ class IWAE(ELBO):
         elbo = -(recon + kl)
         return {"loss": niwae, "recon": recon, "kl": kl, "elbo": elbo, "nelbo": -elbo,
                 "niwae": niwae}
+
+
+class Regularized(ELBO):
+    """The ELBO's reconstruction and KL, plus a family's own penalty: the loss is
+    recon + penalty(...), and `kl`, `elbo`, `nelbo` are logged unweighted as for every objective.
+    Subclasses return the penalty and the values to log beside it."""
+
+    def penalty(self, vae: VAE, q, z: torch.Tensor, kl: torch.Tensor, step: int
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def __call__(self, vae: VAE, x: torch.Tensor, context: torch.Tensor | None = None,
+                 step: int = 0) -> dict[str, torch.Tensor]:
+        q, z, log_px_z, kl = self.terms(vae, x, context)
+        recon, kl = -log_px_z.mean(), kl.mean()
+        penalty, logged = self.penalty(vae, q, z, kl, step)
+        elbo = -(recon + kl)
+        return {"loss": recon + penalty, "recon": recon, "kl": kl, "elbo": elbo, "nelbo": -elbo,
+                **logged}
+
+
+class BetaTCVAE(Regularized):
+    """beta-TCVAE (Chen et al., 2018): recon + alpha MI + beta TC + gamma DWKL, the KL split into
+    the index-code mutual information, the total correlation of q(z) and the dimension-wise KL,
+    each estimated on the batch by minibatch-weighted sampling (MWS): for draws z_i ~ q(z|x_i),
+    log q(z_i) ~ logsumexp_j log q(z_i|x_j) - log(N M) and log q(z_i,d) likewise per dimension,
+    N the training set's size (filled in at fit start), M the batch size.
+
+    The three parts sum to the KL's Monte-Carlo estimate, log q(z|x) - log p(z), exactly. MWS is
+    biased by constants (the TC by about (D - 1) log(N M) when posteriors do not overlap) that
+    do not change the gradients: compare `tc` across runs of one setting, not with a closed form.
+    """
+
+    def __init__(self, beta: float = 6.0, alpha: float = 1.0, gamma: float = 1.0,
+                 dataset_size: int | None = None, mc_samples: int = 1):
+        super().__init__(beta=beta, mc_samples=mc_samples)
+        self.alpha, self.gamma, self.dataset_size = float(alpha), float(gamma), dataset_size
+
+    def decompose(self, vae: VAE, q, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """MI, TC and DWKL [B] for one draw per input, z [B, D]."""
+        if self.dataset_size is None:
+            raise ValueError("the beta-TCVAE needs the training set's size (objective."
+                             "dataset_size); VAEModule fills it in at fit start")
+        pairs = vae.pairwise_log_density(q, z)  # [M, M, D]: log q(z_i,d | x_j)
+        norm = math.log(self.dataset_size * len(z))
+        log_qz = torch.logsumexp(pairs.sum(-1), dim=1) - norm
+        log_prod_marginals = (torch.logsumexp(pairs, dim=1) - norm).sum(-1)
+        log_qz_x, log_pz = q.log_prob(z), vae.prior().log_prob(z)
+        return {"mi": (log_qz_x - log_qz).mean(), "tc": (log_qz - log_prod_marginals).mean(),
+                "dwkl": (log_prod_marginals - log_pz).mean()}
+
+    def penalty(self, vae, q, z, kl, step):
+        parts = self.decompose(vae, q, z[0])
+        return (self.alpha * parts["mi"] + self.beta * parts["tc"] + self.gamma * parts["dwkl"],
+                {**parts, "beta": kl.new_tensor(self.beta)})
+
+
+class AnnealedCapacity(Regularized):
+    """Burgess et al. (2018): recon + gamma |KL - C|, the capacity C rising linearly from 0 to
+    `capacity` nats over `capacity_steps` optimizer steps, then held."""
+
+    def __init__(self, gamma: float = 1000.0, capacity: float = 25.0,
+                 capacity_steps: int = 100_000, mc_samples: int = 1):
+        super().__init__(mc_samples=mc_samples)
+        self.gamma, self.capacity, self.capacity_steps = float(gamma), float(capacity), \
+            int(capacity_steps)
+
+    def capacity_at(self, step: int) -> float:
+        return self.capacity * min(1.0, step / max(self.capacity_steps, 1))
+
+    def penalty(self, vae, q, z, kl, step):
+        c = self.capacity_at(step)
+        return self.gamma * (kl - c).abs(), {"capacity": kl.new_tensor(c)}
+
+
+class DIPVAE(Regularized):
+    """DIP-VAE (Kumar et al., 2018): the KL, plus a push of the covariance of the aggregate
+    posterior towards the identity: lambda_od on its squared off-diagonal entries and
+    lambda_d = lambda_d_factor * lambda_od on its squared diagonal's distance from 1. Variant `i`
+    uses the covariance of the posterior means over the batch; `ii` adds the mean posterior
+    variance (the covariance of q(z) itself)."""
+
+    def __init__(self, variant: str = "i", lambda_od: float = 10.0,
+                 lambda_d_factor: float = 10.0, beta: float = 1.0, mc_samples: int = 1):
+        super().__init__(beta=beta, mc_samples=mc_samples)
+        self.variant, self.lambda_od = variant, float(lambda_od)
+        self.lambda_d = float(lambda_d_factor) * self.lambda_od
+
+    def covariance(self, q) -> torch.Tensor:
+        means = q.mean.reshape(len(q.mean), -1)
+        centred = means - means.mean(0)
+        cov = centred.T @ centred / len(means)
+        if self.variant == "ii":
+            cov = cov + torch.diag(q.variance.reshape(len(means), -1).mean(0))
+        return cov
+
+    def penalty(self, vae, q, z, kl, step):
+        cov = self.covariance(q)
+        diagonal = torch.diagonal(cov)
+        off = cov - torch.diag(diagonal)
+        dip = self.lambda_od * off.pow(2).sum() + self.lambda_d * (diagonal - 1).pow(2).sum()
+        return self.beta * kl + dip, {"dip": dip}

@@ -293,3 +293,65 @@ def interpolation_grid(vae: VAE, a: torch.Tensor, b: torch.Tensor, steps: int = 
     decoded = decode_means(vae, z.flatten(0, 1), context, size).unflatten(0, (pairs, steps))
     rows = torch.cat([fit(a, size)[:, None], decoded, fit(b, size)[:, None]], dim=1)
     return make_grid(rows.flatten(0, 1), nrow=steps + 2, pad_value=1)
+
+
+@torch.no_grad()
+def dimension_order(vae: VAE, batches: Iterable) -> tuple[list[int], torch.Tensor, str]:
+    """Latent dims by decreasing mean KL(q(z_d|x) || p(z_d)) over the images of `batches`
+    ((x, labels) pairs, labels None for an unconditional model), with those KLs and the word for
+    them; a model without a per-dimension KL (a VampPrior) is ranked by the variance of its
+    posterior means instead (`activity`)."""
+    kls, means = [], []
+    for x, labels in batches:
+        context = context_of(vae, labels)
+        for xc, c in chunks(x, context):
+            q = vae.encode(xc.to(vae.device), c)
+            per_dim = vae.kl_per_dim(q)
+            (means if per_dim is None else kls).append(
+                (q.mean if per_dim is None else per_dim).float().cpu())
+    if kls:
+        values, word = torch.cat(kls).mean(0), "KL"
+    else:
+        values, word = torch.cat(means).var(0), "activity"
+    return values.argsort(descending=True).tolist(), values, word
+
+
+@torch.no_grad()
+def traversal_images(vae: VAE, reference: torch.Tensor, dims: list[int], steps: int = 10,
+                     span: float = 3.0, label: torch.Tensor | None = None) -> torch.Tensor:
+    """[len(dims), steps, C, h, w]: for each dim, decodings with that dim swept over
+    [-span, span] and the others at the reference image's posterior mean."""
+    base = encode_means(vae, reference[None], None if label is None else label[None])[0].cpu()
+    values = torch.linspace(-span, span, steps)
+    z = base.float().expand(len(dims), steps, vae.latent_dim).clone()
+    for row, d in enumerate(dims):
+        z[row, :, d] = values
+    context = None if label is None else context_of(vae, label.expand(len(dims) * steps))
+    images = decode_means(vae, z.flatten(0, 1), context)
+    return images.unflatten(0, (len(dims), steps))
+
+
+def traversal_figure(images: torch.Tensor, dims: list[int], values: torch.Tensor, word: str,
+                     span: float) -> Figure:
+    """The traversal rows, each labelled with its dimension and its KL (or activity)."""
+    rows, steps = images.shape[:2]
+    grid = make_grid(images.flatten(0, 1), nrow=steps, padding=1, pad_value=1)
+    fig, ax = plt.subplots(figsize=(8, max(2.0, 0.7 * rows + 0.8)), dpi=100)
+    ax.imshow(grid.permute(1, 2, 0).numpy(), cmap="gray" if images.shape[2] == 1 else None,
+              extent=(0, steps, rows, 0))
+    ax.set_yticks([r + 0.5 for r in range(rows)],
+                  [f"z[{d}] {word} {values[d]:.2f}" for d in dims])
+    ax.set_xticks([0.5, steps / 2, steps - 0.5], [f"{-span:g}", "0", f"{span:g}"])
+    ax.set_title(f"latent traversals, rows by {word}")
+    fig.tight_layout()
+    return fig
+
+
+def traversal_frames(images: torch.Tensor) -> list:
+    """Animated-GIF frames (PIL images): frame t shows every traversed dim at its t-th value,
+    there and back."""
+    from torchvision.transforms.functional import to_pil_image
+
+    steps = images.shape[1]
+    order = [*range(steps), *range(steps - 2, 0, -1)]
+    return [to_pil_image(make_grid(images[:, t], nrow=len(images), pad_value=1)) for t in order]

@@ -56,6 +56,14 @@ class Objective(Section):
     mc_samples: Count | None = None
     warmup_steps: Natural | None = None
     free_bits: Weight | None = None
+    alpha: Weight | None = None
+    gamma: Weight | None = None
+    dataset_size: Count | None = None
+    capacity: Weight | None = None
+    capacity_steps: Natural | None = None
+    variant: Literal["i", "ii"] | None = None
+    lambda_od: Weight | None = None
+    lambda_d_factor: Weight | None = None
 
 
 class Optimizer(Section):
@@ -97,6 +105,8 @@ class Evaluation(Section):
 
 class Callback(Section):
     every_n_epochs: Count | None = None
+    max_rows: Count | None = None
+    span: Positive | None = None
     n_images: Count | None = None
     n: Count | None = None
     pairs: Count | None = None
@@ -146,11 +156,15 @@ class Eval(Section):
 class Pictures(Section):
     n: Count | None = None
     steps: Count | None = None
+    span: Positive | None = None
+    max_rows: Count | None = None
+    index: Natural | None = None
     frame: Literal["prior", "posterior"] | None = None
     method: Literal["pca", "tsne"] | None = None
 
 
-PictureName = Literal["samples", "reconstructions", "interpolation", "manifold", "latent_scatter"]
+PictureName = Literal["samples", "reconstructions", "interpolation", "manifold", "latent_scatter",
+                      "traversals"]
 PICTURES = get_args(PictureName)
 
 
@@ -165,6 +179,7 @@ class Generate(Section):
     interpolation: Pictures
     manifold: Pictures
     latent_scatter: Pictures
+    traversals: Pictures
 
 
 def plain(cfg: Mapping, schema: type[BaseModel]) -> dict[str, Any]:

@@ -7,7 +7,8 @@ from vaelab.callbacks.pictures import (
     LatentScatter,
     PriorSamples,
     Reconstructions,
+    Traversals,
 )
 
 __all__ = ["Reconstructions", "PriorSamples", "LatentManifold", "LatentScatter",
-           "Interpolations", "EmbeddingProjector"]
+           "Interpolations", "EmbeddingProjector", "Traversals"]

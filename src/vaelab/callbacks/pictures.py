@@ -198,3 +198,26 @@ class EmbeddingProjector(Picture):
         means, y, thumbnails = self.val_means(trainer, vae, thumbnails=True)
         writer.add_embedding(means, metadata=pictures.class_of(y).tolist(), label_img=thumbnails,
                              global_step=logged_step(trainer), tag=self.tag)
+
+
+class Traversals(Picture):
+    """Each latent dim swept over [-span, span] from the first validation image's posterior mean,
+    rows ordered by the dims' mean KL over `n_images` validation images and labelled with it
+    (the `max_rows` dims with the most KL)."""
+
+    tag = "pictures/traversals"
+
+    def __init__(self, steps: int = 10, span: float = 3.0, max_rows: int = 16,
+                 n_images: int = 64, **kwargs):
+        super().__init__(n_images=n_images, **kwargs)
+        self.steps, self.span, self.max_rows = steps, span, max_rows
+
+    def draw(self, writer, vae, trainer, module):
+        x, y = self.fixed_batch(trainer, module)
+        labels = y if vae.conditional else None
+        order, values, word = pictures.dimension_order(vae, [(x, labels)])
+        dims = order[: self.max_rows]
+        images = pictures.traversal_images(vae, x[0], dims, self.steps, self.span,
+                                           None if labels is None else labels[0])
+        self.add(writer, pictures.traversal_figure(images, dims, values, word, self.span),
+                 trainer)

@@ -79,6 +79,25 @@ def generate(cfg: DictConfig) -> dict[str, Path]:
         images = pictures.manifold_images(vae, columns, rows, dims, base, label)
         title = f"{spec.frame} 5%-95% quantiles" + ("" if label is None else f", class {label}")
         save("manifold", pictures.manifold_figure(images, columns, rows, dims, title))
+    if "traversals" in cfg.pictures:
+        spec = cfg.traversals
+        def labelled(x, y):  # a conditional model's context: the images' classes, or `label`
+            if not vae.conditional:
+                return x, None
+            return x, y if cfg.label is None else torch.full_like(y, int(cfg.label))
+
+        rows = torch.arange(min(spec.n, len(dataset)))
+        order, values, word = pictures.dimension_order(
+            vae, (labelled(*runs.take(dataset, part)) for part in rows.split(pictures.CHUNK)))
+        dims = order[: spec.max_rows]
+        reference, label = labelled(*runs.take(dataset, torch.tensor([spec.index])))
+        images = pictures.traversal_images(vae, reference[0], dims, spec.steps, spec.span,
+                                           None if label is None else label[0])
+        save("traversals", pictures.traversal_figure(images, dims, values, word, spec.span))
+        frames = pictures.traversal_frames(images)
+        frames[0].save(out / "traversals.gif", save_all=True, append_images=frames[1:],
+                       duration=120, loop=0)
+        log.info("wrote %s", out / "traversals.gif")
     if "latent_scatter" in cfg.pictures:
         save("latent_scatter", pictures.latent_scatter(vae, means, y, cfg.latent_scatter.method))
     return written

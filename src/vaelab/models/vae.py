@@ -160,6 +160,17 @@ class VAE(nn.Module):
             return per_dim.sum(-1).expand(z.shape[:-1])
         return q.log_prob(z) - self.prior(context).log_prob(z)
 
+    def pairwise_log_density(self, q: Distribution, z: torch.Tensor) -> torch.Tensor:
+        """log q(z_i[d] | x_j) for one draw per input, z [M, D]: [M, M, D], each draw's every
+        dimension under every input's posterior (what estimates of the aggregate posterior q(z)
+        and its marginals need, e.g. the beta-TCVAE's total correlation)."""
+        base = q.base_dist if isinstance(q, Independent) else q
+        if not isinstance(base, Normal):
+            raise ValueError(f"{type(self).__name__}'s posterior does not factorize over latent "
+                             f"dimensions ({type(q).__name__}); this objective needs one that "
+                             f"does (model=mlp or model=conv)")
+        return base.log_prob(z[:, None, :])
+
     @torch.no_grad()
     def sample_latents(self, n: int, context: torch.Tensor | None = None,
                        generator: torch.Generator | None = None) -> torch.Tensor:
