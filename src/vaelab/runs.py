@@ -72,9 +72,9 @@ def load_module(ckpt: Path, device_name: str = "cpu") -> tuple[VAEModule, int]:
     return module.to(device(device_name)).eval(), int(checkpoint.get("global_step", 0))
 
 
-def load_split(cfg: DictConfig, split: str):
-    """One split (train / val / test) of the run's own DataModule (a run dir is untrusted: its
-    data spec is checked, then exactly what was checked is built)."""
+def load_data(cfg: DictConfig):
+    """The run's own DataModule, set up (a run dir is untrusted: its data spec is checked, then
+    exactly what was checked is built)."""
     spec = OmegaConf.to_container(cfg.data, resolve=True)
     source = "the run's data config (.hydra/config.yaml)"
     loadable.check(spec, source)
@@ -82,6 +82,12 @@ def load_split(cfg: DictConfig, split: str):
     datamodule = instantiate(spec)
     datamodule.prepare_data()
     datamodule.setup()
+    return datamodule
+
+
+def load_split(cfg: DictConfig, split: str):
+    """One split (train / val / test) of the run's own DataModule."""
+    datamodule = load_data(cfg)
     sets = {"train": "train_set", "val": "val_set", "test": "test_set"}
     if split not in sets:
         raise ValueError(f"split={split!r} is unknown; choose one of {list(sets)}")

@@ -101,6 +101,7 @@ class Evaluation(Section):
     nll_samples: Natural = 0
     chunk: Count = 50
     batch_size: Count = 100
+    disentanglement: Literal["full", "quick", "off"] = "full"
 
 
 class Callback(Section):
@@ -145,6 +146,7 @@ class Train(Section):
 
 
 class Eval(Section):
+    disentanglement: bool | Literal["quick"] = False
     nll_samples: Count
     chunk: Count
     batch_size: Count

@@ -178,3 +178,19 @@ def evaluate(encode: Encode, data, seed: int = 0, quick: bool = False) -> dict[s
     results.update(dci(codes[:2000 // n], factors[:2000 // n], test_codes[:1000 // n],
                        test_factors[:1000 // n], seed))
     return results
+
+
+def of_model(vae, data, seed: int = 0, quick: bool = False) -> dict[str, float]:
+    """`disentanglement/<score>` of a VAE's posterior means on ground-truth `data`."""
+    was_training = vae.training
+    vae.eval()
+    try:
+        results = evaluate(lambda x: vae.encode(x.to(vae.device)).mean, data, seed, quick)
+    finally:
+        vae.train(was_training)
+    return {f"disentanglement/{name}": value for name, value in results.items()}
+
+
+def has_factors(data) -> bool:
+    """Whether `data` knows its ground-truth factors (and can draw images of any of them)."""
+    return all(hasattr(data, name) for name in ("factor_sizes", "sample_factors", "draw"))

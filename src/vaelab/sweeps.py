@@ -40,11 +40,14 @@ def job_row(job: Path) -> dict[str, Any]:
     # the values as built: `objective.beta=4` leaves the top-level `beta` at its default
     row["latent_dim"] = config.get("latent_dim")
     row["beta"] = OmegaConf.select(config, "objective.beta", default=None)
+    row["method"] = str(OmegaConf.select(config, "objective._target_", default="")).rpartition(
+        ".")[2]
     metrics_file, error_file = job / "metrics.json", job / ERROR_FILE
     if metrics_file.is_file():
         metrics = json.loads(metrics_file.read_text())
         row.update({k: metrics.get(k) for k in METRICS})
-        row.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
+        row.update({k: v for k, v in metrics.items()
+                    if k.startswith(("eval/", "disentanglement/"))})
         row["train_time_s"] = metrics.get("time/train_s")
         row["status"] = "ok"
     elif error_file.is_file():
@@ -59,7 +62,8 @@ def columns(rows: list[dict[str, Any]]) -> list[str]:
     the test metrics, time and status."""
     tail = [*METRICS, "train_time_s", "status"]
     keys = dict.fromkeys(k for row in rows for k in row if k not in tail)
-    varying = [k for k in keys if k in ("job", "latent_dim", "beta") or k.startswith("eval/")
+    varying = [k for k in keys if k in ("job", "latent_dim", "beta")
+               or k.startswith(("eval/", "disentanglement/"))
                or len({str(row.get(k)) for row in rows}) > 1]
     return [*varying, *tail]
 
@@ -84,6 +88,8 @@ def write_tables(rows: list[dict[str, Any]], sweep_dir: Path, best: dict | None)
         lines += ["", "## Best trial (Optuna)", "", f"value: {fmt(best.get('best_value'))}",
                   "", *(f"- {k}: {v}" for k, v in best.get("best_params", {}).items())]
     lines += ["", "![rate-distortion](rate_distortion.png)", ""]
+    if any(k.startswith("disentanglement/") for row in rows for k in row):
+        lines += ["![scores against beta](scores_vs_beta.png)", ""]
     (sweep_dir / "summary.md").write_text("\n".join(lines))
 
 
@@ -108,6 +114,36 @@ def rate_distortion_figure(rows: list[dict[str, Any]]):
     return fig
 
 
+def scores_figure(rows: list[dict[str, Any]]):
+    """Each disentanglement score against beta: one line per method (objective) and
+    latent_dim, the mean over the jobs that differ only in seed, their min-max as a band."""
+    done = [r for r in rows if r["status"] == "ok" and r.get("beta") is not None]
+    names = sorted({k for r in done for k in r if k.startswith("disentanglement/")})
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), dpi=100,
+                             squeeze=False)
+    methods = sorted({(str(r.get("method")), r["latent_dim"]) for r in done})
+    for ax, name in zip(axes[0], names, strict=True):
+        for method, latent_dim in methods:
+            group = [r for r in done if (str(r.get("method")), r["latent_dim"]) == (method,
+                                                                                  latent_dim)]
+            betas = sorted({r["beta"] for r in group})
+            values = [[r[name] for r in group if r["beta"] == b and r.get(name) is not None]
+                      for b in betas]
+            kept = [(b, v) for b, v in zip(betas, values, strict=True) if v]
+            if not kept:
+                continue
+            xs = [b for b, _ in kept]
+            ax.plot(xs, [sum(v) / len(v) for _, v in kept], "o-",
+                    label=f"{method}" + (f", d={latent_dim}" if len(methods) > 1 else ""))
+            ax.fill_between(xs, [min(v) for _, v in kept], [max(v) for _, v in kept], alpha=0.2)
+        ax.set_xscale("log")
+        ax.set_xlabel("β")
+        ax.set_title(name.split("/", 1)[1], fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def summarize(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """Write summary.csv, summary.md, rate_distortion.png and a TensorBoard figure."""
     sweep_dir = Path(sweep_dir)
@@ -125,6 +161,10 @@ def summarize(sweep_dir: str | Path) -> list[dict[str, Any]]:
 
     with SummaryWriter(str(sweep_dir / "tensorboard")) as writer:
         writer.add_figure("sweep/rate_distortion", fig, close=True)
+        if any(k.startswith("disentanglement/") for row in rows for k in row):
+            scores = scores_figure(rows)
+            scores.savefig(sweep_dir / "scores_vs_beta.png")
+            writer.add_figure("sweep/scores_vs_beta", scores, close=True)
     failed = sum(not r["status"].startswith("ok") for r in rows)
     log.info("summary of %d jobs (%d not ok) in %s", len(rows), failed, sweep_dir / "summary.md")
     return rows

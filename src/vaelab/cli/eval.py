@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vaelab import evaluation, runs, schema
+from vaelab import scores as vaelab_scores
 from vaelab.cli import config_dir
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,15 @@ def write_scores(path: Path, named_scores: dict[str, evaluation.Scores]) -> None
             for i, row in enumerate(zip(s.labels.tolist(), s.nll.tolist(), s.nelbo.tolist(),
                                         strict=True)):
                 writer.writerow([name, i, *row])
+
+
+def disentanglement(vae, run_cfg: DictConfig, cfg: DictConfig) -> dict[str, float]:
+    """The disentanglement scores on the run's own data, which must know its factors."""
+    data = runs.load_data(run_cfg)
+    if not vaelab_scores.has_factors(data):
+        raise ValueError(f"disentanglement=true needs data with known factors (data=dsprites); "
+                         f"this run trained on {run_cfg.data.get('_target_')}")
+    return vaelab_scores.of_model(vae, data, cfg.seed, quick=cfg.disentanglement == "quick")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -43,6 +53,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
               for name, data in sets.items()}
     results = evaluation.summary(scores[cfg.split], module.vae, cfg.nll_samples)
     results["eval/checkpoint"] = str(ckpt)
+    if cfg.disentanglement:
+        results.update(disentanglement(module.vae, run_cfg, cfg))
     if ood:
         for key in ("nll", "nelbo"):
             results[f"eval/auroc_{key}"] = evaluation.auroc(getattr(scores[cfg.split], key),
@@ -60,7 +72,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             if isinstance(value, float | int) and not key.startswith("eval/kl_dim_"):
                 writer.add_scalar(key, value, step)
     for key in ("eval/nll", "eval/nelbo", "eval/recon", "eval/kl", "eval/bits_per_dim",
-                "eval/active_units", "eval/auroc_nll"):
+                "eval/active_units", "eval/auroc_nll", *(k for k in results
+                                                         if k.startswith("disentanglement/"))):
         if key in results:
             log.info("%-18s %s", key, f"{results[key]:.4f}")
     log.info("wrote %s and %s", out / "eval.json", out / "scores.csv")

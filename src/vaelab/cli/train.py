@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from vaelab import evaluation, runs, schema
+from vaelab import evaluation, runs, schema, scores
 from vaelab.checkpointing import (
     PREVIOUS_LAST,
     check_same_architecture,
@@ -81,7 +81,8 @@ def log_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, Any]) ->
     """One HParams-tab row per run with its final numbers, stored under `hp/` so that the
     training curves themselves get no extra point."""
     final = {f"hp/{k}": v for k, v in metrics.items()
-             if k.startswith(("val/", "test/", "eval/")) and isinstance(v, float | int)
+             if k.startswith(("val/", "test/", "eval/", "disentanglement/"))
+             and isinstance(v, float | int)
              and "kl_dim_" not in k}
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
@@ -164,6 +165,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     if trainer.is_global_zero and cfg.get("test") and cfg.eval.nll_samples:
         metrics.update(evaluate_test_set(module, datamodule, cfg.eval))
+    if trainer.is_global_zero and cfg.eval.get("disentanglement", "off") != "off" \
+            and scores.has_factors(datamodule):
+        started = time.perf_counter()
+        metrics.update(scores.of_model(module.vae, datamodule, cfg.seed,
+                                       quick=cfg.eval.disentanglement == "quick"))
+        log.info("disentanglement scores in %.0f s: %s", time.perf_counter() - started,
+                 {k.split("/")[1]: round(v, 3) for k, v in metrics.items()
+                  if k.startswith("disentanglement/")})
     if trainer.is_global_zero:
         log_hparams(trainer, cfg, metrics)
         write_metrics(output_dir / "metrics.json", metrics)
