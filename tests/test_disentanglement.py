@@ -15,8 +15,8 @@ from vaelab.cli import config_dir
 from vaelab.cli.train import train
 
 # a narrow net and a few steps: the point is the plumbing, not the numbers
-DSPRITES = ["experiment=dsprites_bvae", "data.source=generated", "model.channels=[8,8,8,8]",
-            "model.hidden_dim=16", "trainer.accelerator=cpu", "trainer.max_steps=6",
+DSPRITES = ["experiment=dsprites_bvae", "data.source=generated", "model.hidden_dims=[64]",
+            "trainer.accelerator=cpu", "trainer.max_steps=6",
             "trainer.val_check_interval=3", "+trainer.limit_val_batches=1",
             "+trainer.limit_test_batches=1", "data.val_size=500", "data.test_size=500",
             "eval.disentanglement=quick", "pictures_every_n_epochs=1"]
@@ -108,3 +108,31 @@ def test_the_sweep_plot_has_one_panel_per_score_and_one_line_per_method():
     lines = figure.axes[0].get_lines()
     assert len(lines) == 2 and list(lines[0].get_xdata()) == [1, 4, 16]
     assert list(lines[0].get_ydata()) == pytest.approx([0.11, 0.41, 1.61])  # mean over seeds
+
+
+@pytest.mark.slow
+def test_a_beta_sweep_on_dsprites_summarizes_its_scores(tmp_path):
+    """The issue's command, with a few steps per job: 9 jobs, their scores in summary.md and the
+    scores-vs-beta figure."""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", "experiment=dsprites_bvae",
+         "data.source=generated", "beta=1,4,16", "seed=0,1,2", "trainer.max_steps=30",
+         "trainer.val_check_interval=30", "+trainer.limit_val_batches=2",
+         "+trainer.limit_test_batches=2", "eval.disentanglement=quick",
+         f"hydra.sweep.dir={sweep}"], cwd=tmp_path, capture_output=True, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=3000)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(sweep / "summary.csv") as file:
+        table = list(csv.DictReader(file))
+    assert len(table) == 9 and {r["status"] for r in table} == {"ok"}
+    assert all(0 <= float(r["disentanglement/mig"]) <= 1 for r in table)
+    assert "disentanglement/mig" in (sweep / "summary.md").read_text()
+    assert (sweep / "scores_vs_beta.png").stat().st_size > 10_000

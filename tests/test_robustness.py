@@ -31,15 +31,27 @@ def events(run_dir: Path) -> EventAccumulator:
     return accumulator
 
 
-def test_resume_from_an_epoch_end_matches_the_uninterrupted_run(compose_train, tmp_path):
+@pytest.mark.parametrize("objective", [
+    [],
+    # two optimizers (manual optimization), the discriminator's weights and its Adam state
+    ["objective=factor_vae", "objective.hidden=32", "objective.layers=2"],
+])
+def test_resume_from_an_epoch_end_matches_the_uninterrupted_run(compose_train, tmp_path,
+                                                                objective):
     common = [CPU, "data.binarize=dynamic", "model=conv", "latent_dim=3", "mc_samples=2",
-              *NO_PICTURES]
+              *NO_PICTURES, *objective]
     full = train(compose_train(*common, "trainer.max_epochs=3", output_dir=tmp_path / "full"))
     part = tmp_path / "part"
     train(compose_train(*common, "trainer.max_epochs=2", output_dir=part))
     resumed = train(compose_train(*common, "trainer.max_epochs=3", f"resume={part}",
                                   output_dir=part))
-    for key in ("test/nelbo", "test/kl", "val/loss", "train/loss"):
+    keys = ["test/nelbo", "test/kl", "val/loss", "train/loss"]
+    if objective:
+        keys += ["val/tc", "train/adversary_loss"]
+        checkpoint = read_checkpoint(part / "checkpoints" / "last.ckpt")
+        assert len(checkpoint["optimizer_states"]) == 2
+        assert any(k.startswith("objective.discriminator.") for k in checkpoint["state_dict"])
+    for key in keys:
         assert resumed[key] == pytest.approx(full[key], rel=1e-6, abs=1e-6), key
     curve = [(e.step, e.value) for e in events(part).Scalars("val/loss")]
     reference = [(e.step, e.value) for e in events(tmp_path / "full").Scalars("val/loss")]

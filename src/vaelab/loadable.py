@@ -24,6 +24,7 @@ LOADABLE: set[str] = {
     "vaelab.likelihoods.BernoulliLikelihood", "vaelab.likelihoods.GaussianLikelihood",
     "vaelab.objectives.ELBO", "vaelab.objectives.IWAE", "vaelab.objectives.BetaTCVAE",
     "vaelab.objectives.AnnealedCapacity", "vaelab.objectives.DIPVAE",
+    "vaelab.objectives.FactorVAE",
     "vaelab.data.MNISTDataModule", "vaelab.data.ImageFolderDataModule",
     "vaelab.data.DSpritesDataModule",
     "vaelab.schedules.iwae_paper",

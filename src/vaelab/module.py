@@ -62,6 +62,9 @@ class VAEModule(L.LightningModule):
         self.vae: VAE = instantiate(model, data_shape=list(data_shape), latent_dim=latent_dim,
                                     likelihood=instantiate(likelihood), **extra)
         self.objective = instantiate(objective)
+        # an objective with an adversary of its own (FactorVAE's discriminator) is trained with
+        # a second optimizer, step by step (Lightning's manual optimization)
+        self.automatic_optimization = not hasattr(self.objective, "adversary_loss")
         # keyed "<stage>_means": a module attribute may not be called `train`
         self.means = torch.nn.ModuleDict({f"{stage}_means": EpochMeans() for stage in STAGES})
         self._keys: dict[str, list[str]] = {}
@@ -123,12 +126,36 @@ class VAEModule(L.LightningModule):
         loss = out["loss"]
         if not torch.isfinite(loss):
             self._stop(f"non-finite training loss ({loss.item()})")
+        if not self.automatic_optimization:
+            self._adversarial_step(batch, loss)
         if self._logs_this_step():
             self.log_dict({f"train_step/{k}": v.detach().float() for k, v in out.items()},
                           on_step=True, on_epoch=False, batch_size=len(batch[0]))
             self.log("loss", loss.detach(), prog_bar=True, logger=False, on_step=True,
                      on_epoch=False, batch_size=len(batch[0]))
         return loss
+
+    def _adversarial_step(self, batch, loss: torch.Tensor) -> None:
+        """The VAE's step on `loss`, then the adversary's on its own loss (FactorVAE)."""
+        vae_optimizer, adversary_optimizer = self.optimizers()
+        vae_optimizer.zero_grad()
+        self.manual_backward(loss)
+        vae_optimizer.step()
+        x, y = batch
+        adversary_loss = self.objective.adversary_loss(self.vae, x,
+                                                       y if self.vae.conditional else None)
+        adversary_optimizer.zero_grad()
+        self.manual_backward(adversary_loss)
+        adversary_optimizer.step()
+        self.log("train/adversary_loss", adversary_loss.detach(), on_step=False, on_epoch=True,
+                 batch_size=len(x))
+        # Lightning leaves schedulers to manual optimization too (a plateau scheduler, which
+        # needs its metric, is not stepped here)
+        scheduler = self.lr_schedulers()
+        interval = (self.hparams.scheduler or {}).get("interval", "epoch")
+        if scheduler is not None and (interval == "step" or self.trainer.is_last_batch) \
+                and not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step()
 
     def _stop(self, what: str) -> None:
         """Stop before the weights change. The current weights made the non-finite value, so a
@@ -187,10 +214,13 @@ class VAEModule(L.LightningModule):
         self._step(batch, "test")
 
     def configure_optimizers(self):
-        optimizer = instantiate(self.hparams.optimizer)(self.parameters())
-        if not self.hparams.scheduler:
-            return optimizer
-        spec = dict(self.hparams.scheduler)
-        interval, monitor = spec.pop("interval", "epoch"), spec.pop("monitor", "val/nelbo")
-        return {"optimizer": optimizer, "lr_scheduler": {
-            "scheduler": instantiate(spec)(optimizer), "interval": interval, "monitor": monitor}}
+        optimizer = instantiate(self.hparams.optimizer)(self.vae.parameters())
+        optimizers = [{"optimizer": optimizer}]
+        if self.hparams.scheduler:
+            spec = dict(self.hparams.scheduler)
+            interval, monitor = spec.pop("interval", "epoch"), spec.pop("monitor", "val/nelbo")
+            optimizers[0]["lr_scheduler"] = {"scheduler": instantiate(spec)(optimizer),
+                                             "interval": interval, "monitor": monitor}
+        if not self.automatic_optimization:
+            optimizers.append({"optimizer": self.objective.adversary_optimizer()})
+        return optimizers if len(optimizers) > 1 else optimizers[0]

@@ -15,7 +15,8 @@ import torch
 
 from vaelab.models.vae import VAE, normal_kl
 
-__all__ = ["ELBO", "IWAE", "BetaTCVAE", "AnnealedCapacity", "DIPVAE", "log_importance_weights",
+__all__ = ["ELBO", "IWAE", "BetaTCVAE", "AnnealedCapacity", "DIPVAE", "FactorVAE",
+           "log_importance_weights",
            "normal_kl"]
 
 
@@ -209,3 +210,62 @@ class DIPVAE(Regularized):
         off = cov - torch.diag(diagonal)
         dip = self.lambda_od * off.pow(2).sum() + self.lambda_d * (diagonal - 1).pow(2).sum()
         return self.beta * kl + dip, {"dip": dip}
+
+
+def permute_dims(z: torch.Tensor) -> torch.Tensor:
+    """Each latent dimension shuffled across the batch on its own: samples of the product of the
+    marginals of q(z) (Kim & Mnih, 2018, Algorithm 1)."""
+    return torch.stack([column[torch.randperm(len(z), device=z.device)] for column in z.T], 1)
+
+
+class FactorVAE(torch.nn.Module, Regularized):
+    """FactorVAE (Kim & Mnih, 2018): recon + KL + gamma TC, the total correlation of q(z)
+    estimated by a discriminator D between draws of q(z) and draws of the product of its
+    marginals (dimensions shuffled across the batch): TC ~ E[logit D(z) real - logit fake].
+
+    D is an MLP (`hidden` units x `layers`, LeakyReLU 0.2, as in the paper: 6 x 1000) with its
+    own Adam optimizer (`adversary_lr`, `adversary_betas`); VAEModule trains the two by manual
+    optimization, the VAE step then the discriminator step on every batch, and checkpoints both
+    (Lightning counts both optimizer steps in `global_step`). D sees the first half of the
+    batch's draws as q(z) and the second half, shuffled, as the product of marginals."""
+
+    def __init__(self, gamma: float = 35.0, latent_dim: int | None = None, hidden: int = 1000,
+                 layers: int = 6, adversary_lr: float = 1e-4,
+                 adversary_betas: tuple[float, float] = (0.5, 0.9), mc_samples: int = 1):
+        torch.nn.Module.__init__(self)
+        Regularized.__init__(self, mc_samples=mc_samples)
+        if latent_dim is None:
+            raise ValueError("objective.latent_dim is needed to size the discriminator "
+                             "(conf/objective/factor_vae.yaml sets it to ${latent_dim})")
+        self.gamma, self.adversary_lr = float(gamma), float(adversary_lr)
+        self.adversary_betas = tuple(float(b) for b in adversary_betas)
+        sizes = [latent_dim, *[hidden] * layers]
+        blocks: list[torch.nn.Module] = []
+        for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+            blocks += [torch.nn.Linear(a, b), torch.nn.LeakyReLU(0.2)]
+        self.discriminator = torch.nn.Sequential(*blocks, torch.nn.Linear(sizes[-1], 2))
+
+    __call__ = Regularized.__call__  # the objective's call, not nn.Module's forward
+
+    def tc(self, z: torch.Tensor) -> torch.Tensor:
+        logits = self.discriminator(z)
+        return (logits[:, 0] - logits[:, 1]).mean()
+
+    def penalty(self, vae, q, z, kl, step):
+        tc = self.tc(z[0])
+        return kl + self.gamma * tc, {"tc": tc}
+
+    def adversary_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.discriminator.parameters(), lr=self.adversary_lr,
+                                betas=self.adversary_betas)
+
+    def adversary_loss(self, vae: VAE, x: torch.Tensor,
+                       context: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy of D telling draws of q(z) (class 0) from shuffled ones (class 1)."""
+        with torch.no_grad():
+            z = vae.encode(x, context).rsample()
+        half = len(z) // 2
+        real, fake = z[:half], permute_dims(z[half:2 * half])
+        logits = self.discriminator(torch.cat([real, fake]))
+        labels = torch.cat([torch.zeros(half), torch.ones(half)]).long().to(z.device)
+        return torch.nn.functional.cross_entropy(logits, labels)

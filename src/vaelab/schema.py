@@ -64,6 +64,10 @@ class Objective(Section):
     variant: Literal["i", "ii"] | None = None
     lambda_od: Weight | None = None
     lambda_d_factor: Weight | None = None
+    latent_dim: Count | None = None
+    hidden: Count | None = None
+    layers: Count | None = None
+    adversary_lr: Positive | None = None
 
 
 class Optimizer(Section):
