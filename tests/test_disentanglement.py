@@ -51,6 +51,8 @@ def test_a_run_on_factor_data_ends_with_its_scores(dsprites_run):
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
     assert "pictures/traversals" in events.Tags()["images"]
+    assert events.Scalars("disentanglement/mig")[-1].value == pytest.approx(
+        saved["disentanglement/mig"])
     hparams = (run / "tensorboard").glob("**/events.out.tfevents.*")
     assert any(b"hp/disentanglement/mig" in p.read_bytes() for p in hparams)
 

@@ -168,11 +168,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero and cfg.eval.get("disentanglement", "off") != "off" \
             and scores.has_factors(datamodule):
         started = time.perf_counter()
-        metrics.update(scores.of_model(module.vae, datamodule, cfg.seed,
-                                       quick=cfg.eval.disentanglement == "quick"))
+        found = scores.of_model(module.vae, datamodule, cfg.seed,
+                                quick=cfg.eval.disentanglement == "quick")
+        metrics.update(found)
+        for logger in trainer.loggers:  # as scalars too, at the last step
+            logger.log_metrics(found, step=trainer.global_step)
         log.info("disentanglement scores in %.0f s: %s", time.perf_counter() - started,
-                 {k.split("/")[1]: round(v, 3) for k, v in metrics.items()
-                  if k.startswith("disentanglement/")})
+                 {k.split("/")[1]: round(v, 3) for k, v in found.items()})
     if trainer.is_global_zero:
         log_hparams(trainer, cfg, metrics)
         write_metrics(output_dir / "metrics.json", metrics)
