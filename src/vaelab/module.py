@@ -223,4 +223,6 @@ class VAEModule(L.LightningModule):
                                              "interval": interval, "monitor": monitor}
         if not self.automatic_optimization:
             optimizers.append({"optimizer": self.objective.adversary_optimizer()})
-        return optimizers if len(optimizers) > 1 else optimizers[0]
+        if len(optimizers) > 1:
+            return optimizers
+        return optimizers[0] if "lr_scheduler" in optimizers[0] else optimizer
