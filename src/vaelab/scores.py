@@ -5,7 +5,7 @@ being the posterior mean. `data` is anything with `factor_sizes`, `sample_factor
 and `draw(classes)` (the dSprites DataModule); `encode` maps images to codes [N, D].
 
 Where vaelab departs from disentanglement_lib, on purpose:
-- Sample counts are smaller by default, so that a 2-core CPU scores a model in about a minute:
+- Sample counts are smaller by default, so that a 2-core CPU scores a model in about two minutes:
   BetaVAE and FactorVAE scores use 1000 training and 500 evaluation votes (disentanglement_lib:
   10000 and 5000), DCI fits its gradient-boosted trees on 2000 points and tests on 1000 (10000
   and 5000). MIG and SAP use disentanglement_lib's 10000 points.
