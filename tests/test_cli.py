@@ -24,8 +24,16 @@ def test_train_conv_latent_2_as_written(data_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / ".hydra" / "config.yaml").is_file()
-    assert (tmp_path / "train.log").is_file()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    # the console: progress, the metrics table, where the results are and what to run next;
+    # Lightning's start-up lines go to train.log only
+    console = result.stdout + result.stderr
+    for noise in ("litlogger", "LeafSpec", "TPU available", "GPU available", "Seed set to"):
+        assert noise not in console, noise
+    assert "test/nelbo" in console and "run finished:" in console
+    assert f"vaelab-eval run_dir={tmp_path}" in console
+    log = (tmp_path / "train.log").read_text()
+    assert "GPU available" in log and "metrics written to" in log
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["test/nelbo"] > 0 and metrics["test/kl"] >= 0
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
@@ -53,4 +61,33 @@ def test_config_mistakes_fail_before_training_and_name_the_key(data_dir, tmp_pat
     result = run([override, f"hydra.run.dir={tmp_path}"], data_dir)
     assert result.returncode != 0
     assert all(w in result.stderr for w in words), result.stderr[-2000:]
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_user_error_prints_its_message_alone(tmp_path):
+    """No data offline: the message says where the files go, without a traceback (which
+    HYDRA_FULL_ERROR=1 still shows)."""
+    empty = tmp_path / "data"
+    empty.mkdir()
+    args = ["data.download=false", f"hydra.run.dir={tmp_path / 'run'}"]
+    result = run(args, empty)
+    console = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "MNIST not found in" in console and "VAELAB_DATA_DIR" in console
+    assert "Traceback" not in console and "Error executing job" not in console
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+    env = {**os.environ, "VAELAB_DATA_DIR": str(empty), "HYDRA_FULL_ERROR": "1"}
+    full = subprocess.run([sys.executable, "train.py", *args, *TINY], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert full.returncode == 1 and "Traceback" in full.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_trainer_gpu_without_a_gpu_says_so(data_dir, tmp_path):
+    result = run(["trainer=gpu", f"hydra.run.dir={tmp_path}"], data_dir)
+    console = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "no GPU was found" in console and "trainer=ddp_cpu" in console
+    assert "Traceback" not in console and "MisconfigurationException" not in console
     assert not (tmp_path / "checkpoints").exists()

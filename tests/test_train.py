@@ -107,3 +107,13 @@ def test_an_objective_needs_to_return_only_its_loss(compose_train, tmp_path):
     assert {"train/loss", "val/loss", "test/loss"} <= set(metrics)
     assert not any(k.endswith("/nelbo") for k in metrics)
     assert "epoch000" in json.loads((tmp_path / "metrics.json").read_text())["best_checkpoint"]
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_subnormal_floats_are_flushed_to_zero_on_request(compose_train, flush):
+    subnormal = torch.tensor([1e-39])
+    try:
+        train(compose_train("debug=fdr", f"flush_denormal={str(flush).lower()}"))
+        assert bool((subnormal * 1.0 == 0).item()) is flush
+    finally:
+        torch.set_flush_denormal(False)

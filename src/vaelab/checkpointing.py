@@ -14,13 +14,14 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vaelab import loadable, schema
+from vaelab.errors import BadValue, MissingFile
 
 log = logging.getLogger(__name__)
 TEMPORARY_SUFFIX = ".partial"
 PREVIOUS_LAST = ".last.previous.ckpt"  # the last.ckpt before the newest, until it proves good
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadValue):
     """A checkpoint that cannot be used: unreadable, unsafe, or from another model."""
 
 
@@ -111,7 +112,7 @@ def read_checkpoint(path) -> dict[str, Any]:
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise MissingFile(f"checkpoint {path} does not exist")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from vaelab.errors import BadValue
+
 LOADABLE: set[str] = {
     "vaelab.models.MLPVAE", "vaelab.models.ConvVAE", "vaelab.models.HierarchicalVAE",
     "vaelab.models.StandardNormal", "vaelab.models.VampPrior",
@@ -37,7 +39,7 @@ TORCH_FAMILIES = {"torch.optim": torch.optim.Optimizer,
                                                torch.optim.lr_scheduler.ReduceLROnPlateau)}
 
 
-class UnsafeSpecError(ValueError):
+class UnsafeSpecError(BadValue):
     """A file asked to build something vaelab does not declare loadable."""
 
 

@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from torchmetrics import Metric
 
 from vaelab.checkpointing import read_checkpoint, roll_back_last
+from vaelab.errors import Diverged
 from vaelab.evaluation import bits_per_dim
 from vaelab.models.vae import VAE
 
@@ -164,7 +165,7 @@ class VAEModule(L.LightningModule):
         where = "no checkpoint is written"
         if callback is not None and callback.dirpath and self.trainer.is_global_zero:
             where = roll_back_last(callback.dirpath, self.global_step)
-        raise FloatingPointError(
+        raise Diverged(
             f"{what} at global step {self.global_step} (epoch {self.current_epoch}); training "
             f"stopped before the weights changed; {where}. Try a lower lr, gradient clipping "
             f"(trainer.gradient_clip_val=1.0) or trainer.precision=32-true.")

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from vaelab.errors import BadValue
 from vaelab.models.vae import VAE, normal_kl
 
 __all__ = ["ELBO", "IWAE", "BetaTCVAE", "AnnealedCapacity", "DIPVAE", "FactorVAE",
@@ -67,9 +68,9 @@ class ELBO:
         if self.free_bits:
             per_dim = vae.kl_per_dim(q)
             if per_dim is None:
-                raise ValueError(f"objective.free_bits needs a closed-form KL per latent "
-                                 f"dimension, which {type(vae).__name__} with this prior lacks; "
-                                 f"set objective.free_bits=0")
+                raise BadValue(f"objective.free_bits needs a closed-form KL per latent "
+                               f"dimension, which {type(vae).__name__} with this prior lacks; "
+                               f"set objective.free_bits=0")
             kl_loss = self.free_bits_kl(per_dim)
         return {"recon": -log_px_z.mean(), "kl": kl.mean(), "kl_loss": kl_loss}
 
@@ -149,8 +150,8 @@ class BetaTCVAE(Regularized):
     def decompose(self, vae: VAE, q, z: torch.Tensor) -> dict[str, torch.Tensor]:
         """MI, TC and DWKL [B] for one draw per input, z [B, D]."""
         if self.dataset_size is None:
-            raise ValueError("the beta-TCVAE needs the training set's size (objective."
-                             "dataset_size); VAEModule fills it in at fit start")
+            raise BadValue("the beta-TCVAE needs the training set's size (objective."
+                           "dataset_size); VAEModule fills it in at fit start")
         pairs = vae.pairwise_log_density(q, z)  # [M, M, D]: log q(z_i,d | x_j)
         norm = math.log(self.dataset_size * len(z))
         log_qz = torch.logsumexp(pairs.sum(-1), dim=1) - norm
@@ -235,8 +236,8 @@ class FactorVAE(torch.nn.Module, Regularized):
         torch.nn.Module.__init__(self)
         Regularized.__init__(self, mc_samples=mc_samples)
         if latent_dim is None:
-            raise ValueError("objective.latent_dim is needed to size the discriminator "
-                             "(conf/objective/factor_vae.yaml sets it to ${latent_dim})")
+            raise BadValue("objective.latent_dim is needed to size the discriminator "
+                           "(conf/objective/factor_vae.yaml sets it to ${latent_dim})")
         self.gamma, self.adversary_lr = float(gamma), float(adversary_lr)
         self.adversary_betas = tuple(float(b) for b in adversary_betas)
         sizes = [latent_dim, *[hidden] * layers]

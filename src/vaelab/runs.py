@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vaelab import loadable, schema
 from vaelab.checkpointing import read_checkpoint
+from vaelab.errors import BadValue, MissingFile
 from vaelab.module import VAEModule
 
 
@@ -22,32 +23,32 @@ def resolve(run_dir: str | None, ckpt_path: str | None) -> tuple[Path, Path]:
     if ckpt_path:
         ckpt = Path(ckpt_path).expanduser()
         if not ckpt.is_file():
-            raise FileNotFoundError(f"ckpt_path={ckpt} does not exist")
+            raise MissingFile(f"ckpt_path={ckpt} does not exist")
         run = Path(run_dir).expanduser() if run_dir else ckpt.resolve().parent.parent
         return run, ckpt
     if not run_dir:
-        raise ValueError("give run_dir=<a train run's folder> or ckpt_path=<a .ckpt file>")
+        raise BadValue("give run_dir=<a train run's folder> or ckpt_path=<a .ckpt file>")
     run = Path(run_dir).expanduser()
     if not run.is_dir():
-        raise FileNotFoundError(f"run_dir={run} does not exist")
+        raise MissingFile(f"run_dir={run} does not exist")
     metrics = run / "metrics.json"
     best = json.loads(metrics.read_text()).get("best_checkpoint") if metrics.is_file() else None
     for candidate in (best and run / best, run / "checkpoints" / "last.ckpt"):
         if not candidate or not candidate.is_file():
             continue
         if run.resolve() not in candidate.resolve().parents:
-            raise FileNotFoundError(
+            raise MissingFile(
                 f"{metrics} names {best}, outside {run} (a copied run dir?); give "
                 f"ckpt_path= to use a checkpoint from elsewhere")
         return run, candidate
-    raise FileNotFoundError(f"no checkpoint in {run}/checkpoints: was the run trained?")
+    raise MissingFile(f"no checkpoint in {run}/checkpoints: was the run trained?")
 
 
 def run_config(run: Path) -> DictConfig:
     """The composed config the run was trained with (Hydra's .hydra/config.yaml)."""
     path = run / ".hydra" / "config.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: point run_dir at a folder made by train.py")
+        raise MissingFile(f"{path} is missing: point run_dir at a folder made by train.py")
     config = OmegaConf.load(path)
     loadable.check_resolvers(OmegaConf.to_container(config, resolve=False), path)
     return config
@@ -60,7 +61,7 @@ def device(name: str) -> torch.device:
     try:
         return torch.device(name)
     except RuntimeError as err:
-        raise ValueError(f"device={name!r} is not a device; use auto, cpu or cuda") from err
+        raise BadValue(f"device={name!r} is not a device; use auto, cpu or cuda") from err
 
 
 def load_module(ckpt: Path, device_name: str = "cpu") -> tuple[VAEModule, int]:
@@ -90,7 +91,7 @@ def load_split(cfg: DictConfig, split: str):
     datamodule = load_data(cfg)
     sets = {"train": "train_set", "val": "val_set", "test": "test_set"}
     if split not in sets:
-        raise ValueError(f"split={split!r} is unknown; choose one of {list(sets)}")
+        raise BadValue(f"split={split!r} is unknown; choose one of {list(sets)}")
     return getattr(datamodule, sets[split])
 
 
@@ -98,7 +99,7 @@ def take(dataset, indices) -> tuple[torch.Tensor, torch.Tensor]:
     """Images and labels at `indices`, stacked."""
     indices = [int(i) for i in indices]
     if bad := [i for i in indices if not 0 <= i < len(dataset)]:
-        raise IndexError(f"indices {bad} are outside the split's {len(dataset)} images")
+        raise BadValue(f"indices {bad} are outside the split's {len(dataset)} images")
     if hasattr(dataset, "__getitems__"):
         return dataset.__getitems__(indices)
     xs, ys = zip(*(dataset[i] for i in indices), strict=True)

@@ -3,6 +3,8 @@
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from vaelab.errors import BadValue
+
 
 def iwae_paper(optimizer: Optimizer, stages: int = 8, epochs: int | None = None) -> LambdaLR:
     """Burda et al. (2016): for i = 0..stages-1, 3^i epochs at lr x 10^(-i/7) (3280 epochs in
@@ -13,7 +15,7 @@ def iwae_paper(optimizer: Optimizer, stages: int = 8, epochs: int | None = None)
     ends = [sum(3**j for j in range(i + 1)) for i in range(stages)]
     if epochs is not None:
         if epochs < 1:
-            raise ValueError(f"scheduler.epochs must be >= 1, got {epochs}")
+            raise BadValue(f"scheduler.epochs must be >= 1, got {epochs}")
         ends = [end * epochs / ends[-1] for end in ends]
 
     def factor(epoch: int) -> float:

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal, get_args
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from vaelab.errors import BadValue
+
 Count = Annotated[int, Field(ge=1, strict=True)]        # a whole number >= 1 (not 2.5, not true)
 Natural = Annotated[int, Field(ge=0, strict=True)]      # >= 0
 Weight = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -24,7 +26,7 @@ MESSAGES = {"int_type": WHOLE, "int_parsing": WHOLE, "int_from_float": WHOLE,
             "less_than": "should be < {lt}"}
 
 
-class ConfigError(ValueError):
+class ConfigError(BadValue):
     """A config value of the wrong type or out of range; the message names each key."""
 
 
@@ -138,6 +140,7 @@ class Train(Section):
     seed: int
     pictures_every_n_epochs: Count
     compile: bool
+    flush_denormal: bool = True
     test: bool
     model: Model
     likelihood: Likelihood

@@ -1,16 +1,43 @@
 """Thin Hydra entry points, and the resolvers their configs use."""
 
+import functools
+import logging
 import os
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+from vaelab.errors import MissingFile, user_error
+
+# Lightning calls a torch API that torch has deprecated, on every run: nothing a user can act on.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 def config_dir() -> str:
     """conf/ as shipped inside the wheel, else the repository's conf/ (editable install)."""
     packaged = Path(__file__).resolve().parents[1] / "conf"
     return str(packaged if packaged.is_dir() else Path(__file__).resolve().parents[3] / "conf")
+
+
+def reports_user_errors(task: Callable) -> Callable:
+    """A Hydra task whose bad-input errors end the command with their message alone and exit
+    status 1; bugs keep their traceback, and HYDRA_FULL_ERROR=1 shows it for both."""
+
+    @functools.wraps(task)
+    def run(*args, **kwargs):
+        try:
+            return task(*args, **kwargs)
+        except Exception as err:
+            found = user_error(err)
+            if found is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            logging.getLogger(task.__module__).error("%s", found)
+            raise SystemExit(1) from None
+
+    return run
 
 
 def resume_checkpoint(resume: str | None, ckpt_path: str | None) -> str | None:
@@ -44,7 +71,7 @@ def run_dir(resume: str | None, ckpt_path: str | None, new: str) -> str:
     ckpt = resume_checkpoint(resume, ckpt_path)
     if ckpt and not Path(ckpt).expanduser().is_file():
         key = "resume" if resume and not ckpt_path else "ckpt_path"
-        raise FileNotFoundError(f"{key}: checkpoint {ckpt} does not exist")
+        raise MissingFile(f"{key}: checkpoint {ckpt} does not exist")
     if ckpt and Path(ckpt).parent.name == "checkpoints":
         return str(Path(ckpt).parent.parent)
     return claim(new)

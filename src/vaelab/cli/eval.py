@@ -12,7 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from vaelab import evaluation, runs, schema
 from vaelab import scores as vaelab_scores
-from vaelab.cli import config_dir
+from vaelab.cli import config_dir, reports_user_errors
+from vaelab.errors import BadValue
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,8 @@ def disentanglement(vae, run_cfg: DictConfig, cfg: DictConfig) -> dict[str, floa
     """The disentanglement scores on the run's own data, which must know its factors."""
     data = runs.load_data(run_cfg)
     if not vaelab_scores.has_factors(data):
-        raise ValueError(f"disentanglement=true needs data with known factors (data=dsprites); "
-                         f"this run trained on {run_cfg.data.get('_target_')}")
+        raise BadValue(f"disentanglement=true needs data with known factors (data=dsprites); "
+                       f"this run trained on {run_cfg.data.get('_target_')}")
     return vaelab_scores.of_model(vae, data, cfg.seed, quick=cfg.disentanglement == "quick")
 
 
@@ -81,6 +82,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
+@reports_user_errors
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)
 

@@ -12,7 +12,8 @@ from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import save_image
 
 from vaelab import pictures, runs, schema
-from vaelab.cli import config_dir
+from vaelab.cli import config_dir, reports_user_errors
+from vaelab.errors import BadValue
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,8 @@ def generate(cfg: DictConfig) -> dict[str, Path]:
     vae, device = module.vae, module.device
     if cfg.label is not None:
         if not vae.conditional:
-            raise ValueError("label= is for conditional models (model=cvae); this run's model "
-                             "is unconditional")
+            raise BadValue("label= is for conditional models (model=cvae); this run's model "
+                           "is unconditional")
         vae.check_context(torch.tensor([cfg.label]))
     out = Path(cfg.out_dir) if cfg.out_dir else run / "generated"
     out.mkdir(parents=True, exist_ok=True)
@@ -104,6 +105,7 @@ def generate(cfg: DictConfig) -> dict[str, Path]:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="generate")
+@reports_user_errors
 def main(cfg: DictConfig) -> None:
     generate(cfg)
 

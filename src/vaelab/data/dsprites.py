@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vaelab.data.tensor_images import TensorDataModule
+from vaelab.errors import BadValue, MissingFile
 
 FACTORS = ("shape", "scale", "orientation", "x", "y")
 SIZES = (3, 6, 40, 32, 32)
@@ -129,16 +130,16 @@ class DSpritesDataModule(TensorDataModule):
         if self.source == "generated" or self.path.is_file():
             return
         if not self.download:
-            raise FileNotFoundError(f"dSprites: {self.path.name} is not in {self.path.parent} and "
-                                    f"data.download=false. Put it there, or use "
-                                    f"data.source=generated (rendered here, no file needed).")
+            raise MissingFile(f"dSprites: {self.path.name} is not in {self.path.parent} and "
+                              f"data.download=false. Put it there, or use "
+                              f"data.source=generated (rendered here, no file needed).")
         from torchvision.datasets.utils import download_url
 
         try:
             download_url(URL, str(self.path.parent), self.path.name)
         except Exception as err:  # noqa: BLE001 - any network failure gets the same advice
             self.path.unlink(missing_ok=True)
-            raise FileNotFoundError(
+            raise MissingFile(
                 f"dSprites: {self.path.name} is not in {self.path.parent} and could not be "
                 f"downloaded from {URL} ({type(err).__name__}: {err}). Offline, copy the file "
                 f"there (or point data.data_dir / VAELAB_DATA_DIR at a folder holding "
@@ -151,15 +152,15 @@ class DSpritesDataModule(TensorDataModule):
             with np.load(self.path) as archive:
                 images, classes = archive["imgs"], archive["latents_classes"]
         except Exception as err:  # noqa: BLE001 - a damaged zip fails in many ways
-            raise ValueError(f"{self.path} could not be read as the dSprites archive "
-                             f"({type(err).__name__}: {err}); delete it to download it again") \
+            raise BadValue(f"{self.path} could not be read as the dSprites archive "
+                           f"({type(err).__name__}: {err}); delete it to download it again") \
                 from err
         expected = grid_classes(torch.arange(math.prod(SIZES))).numpy()
         if images.shape != (len(expected), SIDE, SIDE) or not np.array_equal(classes[:, 1:],
                                                                              expected):
-            raise ValueError(f"{self.path} holds images {list(images.shape)} that do not follow "
-                             f"the dSprites factor grid {list(SIZES)}; replace it with the "
-                             f"original file")
+            raise BadValue(f"{self.path} holds images {list(images.shape)} that do not follow "
+                           f"the dSprites factor grid {list(SIZES)}; replace it with the "
+                           f"original file")
         return torch.from_numpy(np.packbits(images.astype(bool), axis=-1))
 
     def draw(self, classes: torch.Tensor) -> torch.Tensor:
@@ -181,8 +182,8 @@ class DSpritesDataModule(TensorDataModule):
         total = math.prod(SIZES)
         held_out = self.val_size + self.test_size
         if not 0 < held_out < total:
-            raise ValueError(f"data.val_size + data.test_size must leave training images out "
-                             f"of {total}, got {held_out}")
+            raise BadValue(f"data.val_size + data.test_size must leave training images out "
+                           f"of {total}, got {held_out}")
         order = torch.randperm(total, generator=torch.Generator().manual_seed(self.seed))
         classes = grid_classes(order)
         test, val = classes[:self.test_size], classes[self.test_size:held_out]

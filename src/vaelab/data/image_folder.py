@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageOps
 
 from vaelab.data.tensor_images import TensorDataModule, TensorImages
+from vaelab.errors import BadValue, MissingFile, Unwritable
 
 log = logging.getLogger(__name__)
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -135,12 +136,12 @@ class ImageFolderDataModule(TensorDataModule):
         super().__init__(batch_size, eval_batch_size, num_workers, seed, on_device)
         if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1
                 and val_fraction + test_fraction < 1):
-            raise ValueError(f"data.val_fraction + data.test_fraction must leave training "
-                             f"images, got {val_fraction} + {test_fraction}")
+            raise BadValue(f"data.val_fraction + data.test_fraction must leave training "
+                           f"images, got {val_fraction} + {test_fraction}")
         self.root = Path(path).expanduser()
         if not self.root.is_dir():
-            raise FileNotFoundError(f"data.path={self.root} is not a folder: point it at a "
-                                    f"folder of images")
+            raise MissingFile(f"data.path={self.root} is not a folder: point it at a "
+                              f"folder of images")
         self.image_size, self.channels = image_size, channels
         self.shape = (channels, image_size, image_size)
         self.fractions = (val_fraction, test_fraction)
@@ -156,7 +157,7 @@ class ImageFolderDataModule(TensorDataModule):
         # Fail at once on an empty folder, before any training is set up.
         self.files = find_images(self.root)
         if not self.files:
-            raise FileNotFoundError(
+            raise MissingFile(
                 f"data.path={self.root} holds no images ({', '.join(sorted(EXTENSIONS))})")
         _, labels, classes, _ = self._layout()
         self.num_classes = len(classes) or None  # class subfolders; None: no labels
@@ -200,8 +201,8 @@ class ImageFolderDataModule(TensorDataModule):
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise OSError(f"cannot write the decoded-image cache {self.cache_dir} ({err}); set "
-                          f"data.cache_dir to a writable folder") from err
+            raise Unwritable(f"cannot write the decoded-image cache {self.cache_dir} ({err}); set "
+                             f"data.cache_dir to a writable folder") from err
         n, shape = len(self.files), self.shape
         partial = images_path.with_suffix(f".{os.getpid()}.partial.npy")
         images = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8,
@@ -236,18 +237,18 @@ class ImageFolderDataModule(TensorDataModule):
             message = (f"{len(bad)} of {len(names)} files in {self.root} could not be read as "
                        f"images and were skipped, e.g. {', '.join(ascii(b) for b in bad[:5])}")
             if self.strict:
-                raise ValueError(message + " (data.strict=true)")
+                raise BadValue(message + " (data.strict=true)")
             log.warning(message)
         if not ok.any():
-            raise ValueError(f"data.path={self.root}: none of its {len(names)} image files "
-                             f"could be read")
+            raise BadValue(f"data.path={self.root}: none of its {len(names)} image files "
+                           f"could be read")
         in_memory = images.nbytes <= self.memory_limit
         tensor = torch.from_numpy(np.array(images) if in_memory else images)
         label_tensor = torch.tensor(labels)
         for split in SPLITS:
             keep = torch.from_numpy(np.flatnonzero(ok & (np.array(splits) == split)))
             if split == "train" and len(keep) == 0:
-                raise ValueError(
+                raise BadValue(
                     f"data.path={self.root}: none of its {int(ok.sum())} readable images fell "
                     f"into the training split (the seeded split sends each file to val with "
                     f"probability data.val_fraction={self.fractions[0]} and to test with "

@@ -12,6 +12,7 @@ import torch
 from torchvision import datasets
 
 from vaelab.data.tensor_images import TensorDataModule, TensorImages
+from vaelab.errors import BadValue, MissingFile
 
 DATASETS = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}
 
@@ -22,17 +23,17 @@ def check_idx(path: Path) -> tuple[int, ...]:
     then each dimension as a big-endian uint32) must describe exactly the bytes that follow."""
     data = path.read_bytes()
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08 or not 1 <= data[3] <= 4:
-        raise ValueError(f"{path} is not an IDX file of unsigned bytes (its first bytes are "
-                         f"{data[:4].hex() or 'missing'}, expected 0000 08 0n); replace it with "
-                         f"the original file")
+        raise BadValue(f"{path} is not an IDX file of unsigned bytes (its first bytes are "
+                       f"{data[:4].hex() or 'missing'}, expected 0000 08 0n); replace it with "
+                       f"the original file")
     ndim = data[3]
     if len(data) < 4 + 4 * ndim:
-        raise ValueError(f"{path} is truncated inside its header; replace it with the original")
+        raise BadValue(f"{path} is truncated inside its header; replace it with the original")
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     expected = 4 + 4 * ndim + math.prod(dims)
     if len(data) != expected:
-        raise ValueError(f"{path} holds {len(data)} bytes but its header {list(dims)} promises "
-                         f"{expected} (truncated or corrupt); replace it with the original")
+        raise BadValue(f"{path} holds {len(data)} bytes but its header {list(dims)} promises "
+                       f"{expected} (truncated or corrupt); replace it with the original")
     return dims
 
 
@@ -44,9 +45,9 @@ def check_pair(raw: Path, dims: dict[str, tuple[int, ...]]) -> None:
             continue
         shape, count = dims[images], dims[labels]
         if len(shape) != 3 or shape[1:] != (28, 28) or len(count) != 1 or shape[0] != count[0]:
-            raise ValueError(f"{raw}: {images} holds images of shape {list(shape)} and {labels} "
-                             f"labels of shape {list(count)}; they must be [N, 28, 28] and [N] "
-                             f"with the same N. Replace them with the original files")
+            raise BadValue(f"{raw}: {images} holds images of shape {list(shape)} and {labels} "
+                           f"labels of shape {list(count)}; they must be [N, 28, 28] and [N] "
+                           f"with the same N. Replace them with the original files")
 
 
 class MNISTDataModule(TensorDataModule):
@@ -77,7 +78,7 @@ class MNISTDataModule(TensorDataModule):
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, seed, on_device)
         if dataset not in DATASETS:
-            raise ValueError(f"data.dataset={dataset!r} is unknown; choose one of {list(DATASETS)}")
+            raise BadValue(f"data.dataset={dataset!r} is unknown; choose one of {list(DATASETS)}")
         self.dataset_class = DATASETS[dataset]
         self.data_dir = Path(data_dir).expanduser()
         self.val_size, self.binarize, self.download = val_size, binarize, download
@@ -99,13 +100,13 @@ class MNISTDataModule(TensorDataModule):
                 pass
             files = ", ".join(Path(url).stem for url, _ in self.dataset_class.resources)
             if not self.download:
-                raise FileNotFoundError(
+                raise MissingFile(
                     f"{self.dataset_class.__name__} not found in {raw} and data.download=false. "
                     f"Put the IDX files there ({files}) or set data.data_dir / VAELAB_DATA_DIR.")
             try:
                 self._load(train, download=True)
             except Exception as err:  # noqa: BLE001 - any network failure gets the same advice
-                raise FileNotFoundError(
+                raise MissingFile(
                     f"{self.dataset_class.__name__} is not in {raw} and could not be downloaded "
                     f"({type(err).__name__}: {err}). Offline, copy the IDX files ({files}) there, "
                     f"or point data.data_dir (or the VAELAB_DATA_DIR environment variable) at a "
@@ -118,8 +119,8 @@ class MNISTDataModule(TensorDataModule):
         n_val = int(round(self.val_size * len(full.data))) if isinstance(self.val_size, float) \
             else int(self.val_size)
         if not 0 < n_val < len(full.data):
-            raise ValueError(f"data.val_size={self.val_size} leaves no train or no val images out "
-                             f"of {len(full.data)}")
+            raise BadValue(f"data.val_size={self.val_size} leaves no train or no val images out "
+                           f"of {len(full.data)}")
         order = torch.randperm(len(full.data), generator=torch.Generator().manual_seed(self.seed))
         images, labels = full.data.unsqueeze(1), full.targets
         train_idx, val_idx = order[n_val:], order[:n_val]

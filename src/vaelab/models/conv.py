@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from vaelab.errors import BadValue
 from vaelab.likelihoods import Likelihood
 from vaelab.models.vae import VAE, Conditioned, activation_class, conditional_classes
 
@@ -52,13 +53,13 @@ class ConvVAE(VAE):
         prior=None,
     ):
         if len(data_shape) != 3:
-            raise ValueError(f"model=conv needs images shaped [C, H, W], got {list(data_shape)}")
+            raise BadValue(f"model=conv needs images shaped [C, H, W], got {list(data_shape)}")
         c_in, height, width = data_shape
         if channels is None:  # derived from the image: 28 -> [32, 64], 64 -> [32, 64, 128, 256]
             channels = [min(base_channels * 2**i, max_channels)
                         for i in range(max(1, stages_for(max(height, width))))]
         if not channels:
-            raise ValueError("model.channels must list at least one conv width, e.g. [32, 64]")
+            raise BadValue("model.channels must list at least one conv width, e.g. [32, 64]")
         act = activation_class(activation)
         classes = conditional_classes(conditional, num_classes)
         c = classes or 0  # a CVAE's one-hot label joins the flattened features and the latent

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Distribution, Independent, Normal
 
+from vaelab.errors import BadValue
 from vaelab.likelihoods import Likelihood
 from vaelab.models.priors import StandardNormal
 
@@ -41,9 +42,9 @@ def conditional_classes(conditional: bool, num_classes: int | None) -> int | Non
     if not conditional:
         return None
     if not num_classes or num_classes < 2:
-        raise ValueError(f"model.conditional=true needs labelled data with at least 2 classes, "
-                         f"got num_classes={num_classes} (an image folder's classes are its "
-                         f"subfolders)")
+        raise BadValue(f"model.conditional=true needs labelled data with at least 2 classes, "
+                       f"got num_classes={num_classes} (an image folder's classes are its "
+                       f"subfolders)")
     return int(num_classes)
 
 
@@ -86,8 +87,8 @@ class VAE(nn.Module):
         self.prior_net = (prior or StandardNormal)(latent_dim=latent_dim,
                                                    data_shape=self.data_shape)
         if self.conditional and not self.prior_net.allows_context:
-            raise ValueError(f"{type(self.prior_net).__name__} cannot be used with a conditional "
-                             f"model; use the standard prior (model.prior=null)")
+            raise BadValue(f"{type(self.prior_net).__name__} cannot be used with a conditional "
+                           f"model; use the standard prior (model.prior=null)")
 
     @property
     def conditional(self) -> bool:
@@ -103,11 +104,11 @@ class VAE(nn.Module):
         if not self.conditional:
             return
         if context is None:
-            raise ValueError(f"this model is conditional ({self.num_classes} classes): give a "
-                             f"label (generate: label=3)")
+            raise BadValue(f"this model is conditional ({self.num_classes} classes): give a "
+                           f"label (generate: label=3)")
         if not context.is_floating_point() and len(context) and (
                 context.min() < 0 or context.max() >= self.num_classes):
-            raise ValueError(
+            raise BadValue(
                 f"a conditional model needs a class label in 0..{self.num_classes - 1} for "
                 f"every image, got labels in {int(context.min())}..{int(context.max())}. Images "
                 f"directly in an image folder have no class (label -1): put every image in a "
@@ -166,9 +167,9 @@ class VAE(nn.Module):
         and its marginals need, e.g. the beta-TCVAE's total correlation)."""
         base = q.base_dist if isinstance(q, Independent) else q
         if not isinstance(base, Normal):
-            raise ValueError(f"{type(self).__name__}'s posterior does not factorize over latent "
-                             f"dimensions ({type(q).__name__}); this objective needs one that "
-                             f"does (model=mlp or model=conv)")
+            raise BadValue(f"{type(self).__name__}'s posterior does not factorize over latent "
+                           f"dimensions ({type(q).__name__}); this objective needs one that "
+                           f"does (model=mlp or model=conv)")
         return base.log_prob(z[:, None, :])
 
     @torch.no_grad()
@@ -225,5 +226,5 @@ def activation_class(name: str) -> type[nn.Module]:
     classes = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "elu": nn.ELU,
                "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU, "softplus": nn.Softplus}
     if name not in classes:
-        raise ValueError(f"model.activation={name!r} is unknown; choose one of {sorted(classes)}")
+        raise BadValue(f"model.activation={name!r} is unknown; choose one of {sorted(classes)}")
     return classes[name]
