@@ -36,8 +36,8 @@ def rows(sweep_dir):
 def test_a_2x2_multirun_names_its_jobs_and_summarizes_itself(data_dir, tmp_path):
     sweep = tmp_path / "sweep"
     # objective.beta, not the top-level beta: the summary reports the beta that was built
-    train_py(["-m", "latent_dim=2,4", "objective.beta=0.5,4", f"hydra.sweep.dir={sweep}"],
-             data_dir, tmp_path)
+    train_py(["-m", "latent_dim=2,4", "objective.beta=0.5,4", f"hydra.sweep.dir={sweep}",
+              "logger=[tensorboard,mlflow]"], data_dir, tmp_path)
     jobs = sorted(p.name for p in sweep.iterdir() if (p / ".hydra").is_dir())
     assert jobs == ["0_latent_dim=2,objective.beta=0.5", "1_latent_dim=2,objective.beta=4",
                     "2_latent_dim=4,objective.beta=0.5", "3_latent_dim=4,objective.beta=4"]
@@ -63,6 +63,32 @@ def test_a_2x2_multirun_names_its_jobs_and_summarizes_itself(data_dir, tmp_path)
     events.Reload()
     assert events.Tags()["images"] == ["sweep/rate_distortion"]
     assert not (tmp_path / "outputs" / "train" / "runs").exists()
+    # MLflow: each job a run in its own store, the summary a run in the sweep dir's store
+    summary = mlflow_runs(sweep / "mlruns")
+    assert [r.info.run_name for r in summary] == ["summary of sweep"]
+    assert len(summary_history(sweep / "mlruns", summary[0], "test/nelbo")) == 4
+    for job in jobs:
+        (run,) = mlflow_runs(sweep / job / "mlruns")
+        assert run.data.metrics["test/nelbo"] == pytest.approx(
+            json.loads((sweep / job / "metrics.json").read_text())["test/nelbo"], rel=1e-6)
+
+
+def mlflow_runs(store):
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(f"file:{store}")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def summary_history(store, run, key):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"file:{store}")
+    names = [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert {"summary.md", "summary.csv"} <= set(names), names
+    assert any(p.startswith("images") for p in names), names
+    return client.get_metric_history(run.info.run_id, key)
 
 
 def test_a_failed_job_is_a_row_not_a_crash(data_dir, tmp_path):
@@ -83,9 +109,12 @@ def test_summarize_on_demand(data_dir, tmp_path):
     for name in ("summary.csv", "summary.md", "rate_distortion.png"):
         (sweep / name).unlink()
     (sweep / "1_beta=2" / "metrics.json").unlink()  # as if that job had been killed
-    result = subprocess.run([sys.executable, "-m", "vaelab.cli.summarize", f"sweep_dir={sweep}"],
+    result = subprocess.run([sys.executable, "-m", "vaelab.cli.summarize", f"sweep_dir={sweep}",
+                             "logger=[tensorboard,mlflow]"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    (summary,) = mlflow_runs(sweep / "mlruns")
+    assert len(summary_history(sweep / "mlruns", summary, "test/nelbo")) == 1  # one job done
     statuses = [r["status"] for r in rows(sweep)]
     assert statuses == ["ok", "incomplete (killed, or still running)"]
     assert (sweep / "rate_distortion.png").is_file()

@@ -5,6 +5,7 @@ reads only what the jobs wrote (`.hydra/`, `metrics.json`, `error.json`), so a f
 job is a row, never a crash of the summary.
 """
 
+import copy
 import csv
 import json
 import logging
@@ -19,7 +20,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+
+from vaelab import loggers  # noqa: E402
+from vaelab.errors import MissingFile  # noqa: E402
 
 log = logging.getLogger(__name__)
 METRICS = ("test/recon", "test/kl", "test/nelbo", "val/nelbo")
@@ -144,30 +148,44 @@ def scores_figure(rows: list[dict[str, Any]]):
     return fig
 
 
-def summarize(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """Write summary.csv, summary.md, rate_distortion.png and a TensorBoard figure."""
+def summarize(sweep_dir: str | Path, logger_specs: list[dict[str, Any]] | None = None
+              ) -> list[dict[str, Any]]:
+    """Write summary.csv, summary.md, rate_distortion.png (and scores_vs_beta.png on factor
+    data), and send them to the loggers (`logger_specs`, pointing at the sweep dir; TensorBoard
+    when not given)."""
     sweep_dir = Path(sweep_dir)
     jobs = job_dirs(sweep_dir)
     if not jobs:
-        raise FileNotFoundError(f"{sweep_dir} holds no job folders (no */.hydra/overrides.yaml):"
-                                f" point sweep_dir at a `python train.py -m ...` output folder")
+        raise MissingFile(f"{sweep_dir} holds no job folders (no */.hydra/overrides.yaml):"
+                          f" point sweep_dir at a `python train.py -m ...` output folder")
     rows = [job_row(job) for job in jobs]
     results = sweep_dir / "optimization_results.yaml"
     best = yaml.safe_load(results.read_text()) if results.is_file() else None
     write_tables(rows, sweep_dir, best)
-    fig = rate_distortion_figure(rows)
-    fig.savefig(sweep_dir / "rate_distortion.png")
-    from torch.utils.tensorboard import SummaryWriter
-
-    with SummaryWriter(str(sweep_dir / "tensorboard")) as writer:
-        writer.add_figure("sweep/rate_distortion", fig, close=True)
-        if any(k.startswith("disentanglement/") for row in rows for k in row):
-            scores = scores_figure(rows)
-            scores.savefig(sweep_dir / "scores_vs_beta.png")
-            writer.add_figure("sweep/scores_vs_beta", scores, close=True)
+    figures = {"sweep/rate_distortion": rate_distortion_figure(rows)}
+    if any(k.startswith("disentanglement/") for row in rows for k in row):
+        figures["sweep/scores_vs_beta"] = scores_figure(rows)
+    for tag, fig in figures.items():
+        fig.savefig(sweep_dir / f"{tag.split('/')[1]}.png")
+    if logger_specs is None:
+        logger_specs = [{"_target_": "lightning.pytorch.loggers.TensorBoardLogger",
+                         "save_dir": str(sweep_dir), "name": "tensorboard", "version": ""}]
+    loggers.log_summary(logger_specs, f"summary of {sweep_dir.name}", rows, figures,
+                        [sweep_dir / "summary.md", sweep_dir / "summary.csv"])
+    for fig in figures.values():
+        plt.close(fig)
     failed = sum(not r["status"].startswith("ok") for r in rows)
     log.info("summary of %d jobs (%d not ok) in %s", len(rows), failed, sweep_dir / "summary.md")
     return rows
+
+
+def sweep_logger_specs(config: DictConfig, sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """The run config's loggers, resolved with the sweep dir as their output dir."""
+    config = copy.deepcopy(config)
+    with open_dict(config):
+        config.paths.output_dir = str(sweep_dir)
+    return [OmegaConf.to_container(spec, resolve=True)
+            for spec in (config.get("logger") or {}).values() if spec]
 
 
 class SummarizeSweep(Callback):
@@ -175,7 +193,8 @@ class SummarizeSweep(Callback):
     any job failed, so that scripts and schedulers see it (the summary is written first)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        rows = summarize(config.hydra.sweep.dir)
+        sweep_dir = config.hydra.sweep.dir
+        rows = summarize(sweep_dir, sweep_logger_specs(config, sweep_dir))
         failed = [r["job"] for r in rows if r["status"].startswith("failed")]
         if failed:
             log.error("%d of %d jobs failed (%s): see %s", len(failed), len(rows),

@@ -1,6 +1,7 @@
-"""TensorBoard pictures every N epochs, on a fixed validation batch and fixed noise so that
-epochs compare. Rank zero only; a run without a TensorBoard logger gets no pictures. A picture
-that cannot be drawn is a warning, never the end of the run."""
+"""Pictures every N epochs, on a fixed validation batch and fixed noise so that epochs compare,
+for every logger that takes images (TensorBoard, MLflow, W&B; see vaelab.loggers). Rank zero
+only; a run without such a logger draws none. A picture that cannot be drawn is a warning, never
+the end of the run."""
 
 import logging
 
@@ -9,7 +10,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from vaelab import pictures
+from vaelab import loggers, pictures
 from vaelab.models.vae import VAE
 
 log = logging.getLogger(__name__)
@@ -71,28 +72,24 @@ class Picture(L.Callback):
             self.draw_now(trainer, module)
 
     def draw_now(self, trainer, module):
-        writer = tensorboard(trainer)
-        if writer is None:
+        if not loggers.takes_images(trainer.loggers):
             return
         was_training = module.training
         module.eval()
         try:
-            self.draw(writer, module.vae, trainer, module)
+            picture = self.draw(module.vae, trainer, module)
+            if picture is not None:
+                loggers.log_picture(trainer.loggers, self.tag, picture, logged_step(trainer))
         except Exception as err:  # noqa: BLE001 - a picture must never cost a run
             log.warning("%s skipped at step %d: %s: %s", self.tag, trainer.global_step,
                         type(err).__name__, err)
         finally:
             module.train(was_training)
 
-    def draw(self, writer, vae: VAE, trainer, module) -> None:
+    def draw(self, vae: VAE, trainer, module):
+        """The picture: an image tensor [C, H, W] or a matplotlib figure (None: logged
+        already)."""
         raise NotImplementedError
-
-    def add(self, writer, image_or_figure, trainer: L.Trainer) -> None:
-        step = logged_step(trainer)
-        if isinstance(image_or_figure, torch.Tensor):
-            writer.add_image(self.tag, image_or_figure, step)
-        else:
-            writer.add_figure(self.tag, image_or_figure, step, close=True)
 
 
 class Reconstructions(Picture):
@@ -104,9 +101,9 @@ class Reconstructions(Picture):
         super().__init__(**kwargs)
         self.nrow = nrow
 
-    def draw(self, writer, vae, trainer, module):
+    def draw(self, vae, trainer, module):
         x, y = self.fixed_batch(trainer, module)
-        self.add(writer, pictures.reconstruction_grid(vae, x, self.nrow, y), trainer)
+        return pictures.reconstruction_grid(vae, x, self.nrow, y)
 
 
 class PriorSamples(Picture):
@@ -119,9 +116,8 @@ class PriorSamples(Picture):
         super().__init__(**kwargs)
         self.nrow = nrow
 
-    def draw(self, writer, vae, trainer, module):
-        grid = pictures.sample_grid(vae, self.n_images, self.nrow, self.seed)
-        self.add(writer, grid, trainer)
+    def draw(self, vae, trainer, module):
+        return pictures.sample_grid(vae, self.n_images, self.nrow, self.seed)
 
 
 class LatentManifold(Picture):
@@ -136,14 +132,14 @@ class LatentManifold(Picture):
         super().__init__(**kwargs)
         self.n, self.frame = n, frame
 
-    def draw(self, writer, vae, trainer, module):
+    def draw(self, vae, trainer, module):
         means, y, _ = self.val_means(trainer, vae)
         dims = pictures.manifold_dims(vae, means)
         label = int(y[0]) if vae.conditional else None
         columns, rows, base = pictures.manifold_axes(vae, dims, self.n, self.frame, means, label)
         images = pictures.manifold_images(vae, columns, rows, dims, base, label)
         title = f"{self.frame} 5%-95% quantiles" + (f", class {label}" if vae.conditional else "")
-        self.add(writer, pictures.manifold_figure(images, columns, rows, dims, title), trainer)
+        return pictures.manifold_figure(images, columns, rows, dims, title)
 
 
 class LatentScatter(Picture):
@@ -156,9 +152,9 @@ class LatentScatter(Picture):
         pictures.project_2d(torch.zeros(1, 1), method)  # an unknown method fails at start
         self.method = method
 
-    def draw(self, writer, vae, trainer, module):
+    def draw(self, vae, trainer, module):
         means, y, _ = self.val_means(trainer, vae)
-        self.add(writer, pictures.latent_scatter(vae, means, y, self.method), trainer)
+        return pictures.latent_scatter(vae, means, y, self.method)
 
 
 class Interpolations(Picture):
@@ -170,12 +166,11 @@ class Interpolations(Picture):
         super().__init__(n_images=2 * pairs, **kwargs)
         self.steps = steps
 
-    def draw(self, writer, vae, trainer, module):
+    def draw(self, vae, trainer, module):
         x, y = self.fixed_batch(trainer, module)
         if len(x) < 2:
             raise ValueError("fewer than 2 validation images")
-        grid = pictures.interpolation_grid(vae, x[0::2], x[1::2], self.steps, y[0::2], y[1::2])
-        self.add(writer, grid, trainer)
+        return pictures.interpolation_grid(vae, x[0::2], x[1::2], self.steps, y[0::2], y[1::2])
 
 
 class EmbeddingProjector(Picture):
@@ -194,7 +189,10 @@ class EmbeddingProjector(Picture):
     def on_fit_end(self, trainer, module):
         self.draw_now(trainer, module)
 
-    def draw(self, writer, vae, trainer, module):
+    def draw(self, vae, trainer, module):
+        writer = tensorboard(trainer)
+        if writer is None:  # TensorBoard's projector only
+            return None
         means, y, thumbnails = self.val_means(trainer, vae, thumbnails=True)
         writer.add_embedding(means, metadata=pictures.class_of(y).tolist(), label_img=thumbnails,
                              global_step=logged_step(trainer), tag=self.tag)
@@ -212,12 +210,11 @@ class Traversals(Picture):
         super().__init__(n_images=n_images, **kwargs)
         self.steps, self.span, self.max_rows = steps, span, max_rows
 
-    def draw(self, writer, vae, trainer, module):
+    def draw(self, vae, trainer, module):
         x, y = self.fixed_batch(trainer, module)
         labels = y if vae.conditional else None
         order, values, word = pictures.dimension_order(vae, [(x, labels)])
         dims = order[: self.max_rows]
         images = pictures.traversal_images(vae, x[0], dims, self.steps, self.span,
                                            None if labels is None else labels[0])
-        self.add(writer, pictures.traversal_figure(images, dims, values, word, self.span),
-                 trainer)
+        return pictures.traversal_figure(images, dims, values, word, self.span)

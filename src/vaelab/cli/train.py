@@ -14,17 +14,17 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from vaelab import evaluation, runs, schema, scores
+from vaelab import evaluation, loggers, runs, schema, scores
 from vaelab.checkpointing import (
     PREVIOUS_LAST,
     check_same_architecture,
     read_checkpoint,
     remove_partial_files,
 )
-from vaelab.cli import LAUNCH_DDP_ENV, config_dir, resume_checkpoint
+from vaelab.cli import LAUNCH_DDP_ENV, config_dir, reports_user_errors, resume_checkpoint
+from vaelab.errors import BadValue
 from vaelab.module import VAEModule
 from vaelab.sweeps import ERROR_FILE
 
@@ -45,7 +45,7 @@ def plain(cfg: DictConfig | None) -> Any:
 def build_module(cfg: DictConfig, datamodule) -> VAEModule:
     """The module for this config and data (its shape and, for conditional models, classes)."""
     if cfg.model.get("conditional") and getattr(datamodule, "unlabelled", 0):
-        raise ValueError(
+        raise BadValue(
             f"model.conditional=true needs a class for every image, but {datamodule.unlabelled} "
             f"images of data.path sit directly in the folder (no class): move them into class "
             f"subfolders, or use an unconditional model")
@@ -77,34 +77,6 @@ def hparams(cfg: DictConfig) -> dict[str, Any]:
             if v is not None}
 
 
-def log_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, Any]) -> None:
-    """One HParams-tab row per run with its final numbers, stored under `hp/` so that the
-    training curves themselves get no extra point."""
-    final = {f"hp/{k}": v for k, v in metrics.items()
-             if k.startswith(("val/", "test/", "eval/", "disentanglement/"))
-             and isinstance(v, float | int)
-             and "kl_dim_" not in k}
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams(hparams(cfg), metrics=final, step=trainer.global_step)
-        else:
-            logger.log_hyperparams(hparams(cfg))
-        logger.save()
-
-
-def build_loggers(cfg: DictConfig, resume_step: int | None) -> list:
-    """The configured loggers; on resume, TensorBoard hides what the killed run logged after its
-    checkpoint (`purge_step`), so the curves continue without a duplicate."""
-    loggers = []
-    for spec in (cfg.get("logger") or {}).values():
-        if not spec:
-            continue
-        make = instantiate(spec, _partial_=True)
-        tensorboard = isinstance(make.func, type) and issubclass(make.func, TensorBoardLogger)
-        loggers.append(make(purge_step=resume_step) if tensorboard and resume_step else make())
-    return loggers
-
-
 def evaluate_test_set(module: VAEModule, datamodule, spec: DictConfig) -> dict[str, float]:
     """The importance-sampled evaluation of `vaelab-eval`, on the tested (best) weights."""
     module.eval()
@@ -122,8 +94,9 @@ def epoch_metrics(trainer: L.Trainer) -> dict[str, float]:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit, test the best checkpoint, log hparams with the final metrics, write metrics.json."""
+    """Check the config and any checkpoint to resume, build the parts, then fit and test."""
     schema.validate(cfg, schema.Train)
+    torch.set_flush_denormal(cfg.get("flush_denormal", True))
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     datamodule: L.LightningDataModule = instantiate(cfg.data)
@@ -139,11 +112,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
         resume_step = checkpoint.get("global_step")
         remove_partial_files(Path(ckpt_path).parent)
         log.info("resuming from %s at step %s", ckpt_path, resume_step)
+    check_accelerator(cfg.trainer)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    loggers = build_loggers(cfg, resume_step)
+    run_loggers = loggers.build((cfg.get("logger") or {}).values(), resume_step)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[c for c in callbacks if c],
-                                     logger=loggers or False)
+                                     logger=run_loggers or False)
+    try:
+        return fit_and_test(cfg, trainer, module, datamodule, ckpt_path)
+    finally:
+        loggers.close(run_loggers)
 
+
+def fit_and_test(cfg: DictConfig, trainer: L.Trainer, module: VAEModule, datamodule,
+                 ckpt_path: str | None) -> dict[str, Any]:
+    """Fit, test the best checkpoint, score it, log hparams with the final metrics, write
+    metrics.json."""
+    output_dir = Path(cfg.paths.output_dir)
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if trainer.checkpoint_callback and trainer.checkpoint_callback.dirpath:
@@ -176,9 +160,48 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("disentanglement scores in %.0f s: %s", time.perf_counter() - started,
                  {k.split("/")[1]: round(v, 3) for k, v in found.items()})
     if trainer.is_global_zero:
-        log_hparams(trainer, cfg, metrics)
+        loggers.log_final(trainer.loggers, hparams(cfg), metrics, trainer.global_step)
         write_metrics(output_dir / "metrics.json", metrics)
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN:
+            log.info("%s", finish_block(output_dir, metrics, module.vae.likelihood.discrete))
     return metrics
+
+
+def finish_block(run: Path, metrics: dict[str, Any], discrete: bool) -> str:
+    """What a finished run leaves and what to run next, in a few lines."""
+    try:
+        run = run.resolve().relative_to(Path.cwd())
+    except ValueError:
+        pass
+    tested = "  ".join(f"{key} {metrics[f'test/{key}']:.2f}"
+                       for key in ("nelbo", "recon", "kl", "bpd") if f"test/{key}" in metrics)
+    if "eval/nll" in metrics:
+        tested += f"  nll {metrics['eval/nll']:.2f}"
+    if tested and not discrete:
+        tested += ("\n               (a density of continuous pixels, so the nats can be "
+                   "negative; bpd compares across data)")
+    lines = [f"run finished: {run}",
+             f"  best ckpt    {metrics.get('best_checkpoint') or 'checkpoints/last.ckpt'}",
+             f"  test (nats)  {tested or 'not tested (test=false)'}",
+             f"  look         tensorboard --logdir {run}",
+             f"  sample       vaelab-generate run_dir={run}",
+             f"  evaluate     vaelab-eval run_dir={run}   (importance-sampled NLL, K=5000)"]
+    return "\n".join(lines)
+
+
+def check_accelerator(trainer: DictConfig) -> None:
+    """trainer=gpu or trainer=ddp on a machine without a GPU: say so plainly, before Lightning
+    buries it in an instantiation error."""
+    from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
+
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not (CUDAAccelerator.is_available()
+                                               or MPSAccelerator.is_available()):
+        why = ("this PyTorch build has no CUDA" if torch.version.cuda is None
+               else f"PyTorch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU")
+        raise BadValue(f"trainer.accelerator={accelerator}: no GPU was found ({why}). Leave "
+                       f"trainer=gpu/ddp out to train on the CPU (trainer=default picks what "
+                       f"there is), or use trainer=ddp_cpu for several CPU processes.")
 
 
 def refuse_finished(checkpoint: dict[str, Any], trainer: DictConfig, run: Path) -> None:
@@ -189,7 +212,7 @@ def refuse_finished(checkpoint: dict[str, Any], trainer: DictConfig, run: Path) 
     done = (max_epochs not in (None, -1) and epochs >= max_epochs) or (
         max_steps > 0 and checkpoint.get("global_step", 0) >= max_steps)
     if done and (run / "metrics.json").is_file():
-        raise ValueError(
+        raise BadValue(
             f"{run} has already finished: its checkpoint trained {epochs} epochs "
             f"({checkpoint.get('global_step')} steps) and metrics.json holds its numbers. Give "
             f"trainer.max_epochs={epochs + 1} or more to train on, or run vaelab-eval "
@@ -249,6 +272,7 @@ def prepare_multirun_job(cfg: DictConfig) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+@reports_user_errors
 def main(cfg: DictConfig) -> float | None:
     if HydraConfig.get().mode != RunMode.MULTIRUN:
         return train(cfg).get(cfg.optimized_metric)
