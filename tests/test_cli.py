@@ -50,6 +50,7 @@ def test_console_script_and_default_output_dir(data_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     runs = list((tmp_path / "outputs" / "train" / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "metrics.json").is_file()
+    assert not (runs[0] / "checkpoints").exists()  # debug=fdr keeps no checkpoint
 
 
 @pytest.mark.parametrize("override, words", [

@@ -181,11 +181,13 @@ def finish_block(run: Path, metrics: dict[str, Any], discrete: bool) -> str:
         tested += ("\n               (a density of continuous pixels, so the nats can be "
                    "negative; bpd compares across data)")
     lines = [f"run finished: {run}",
-             f"  best ckpt    {metrics.get('best_checkpoint') or 'checkpoints/last.ckpt'}",
-             f"  test (nats)  {tested or 'not tested (test=false)'}",
-             f"  look         tensorboard --logdir {run}",
-             f"  sample       vaelab-generate run_dir={run}",
-             f"  evaluate     vaelab-eval run_dir={run}   (importance-sampled NLL, K=5000)"]
+             f"  test (nats)  {tested or 'not tested (test=false)'}"]
+    if (run / "tensorboard").is_dir():
+        lines.append(f"  look         tensorboard --logdir {run}")
+    if (run / "checkpoints").is_dir():
+        lines[1:1] = [f"  best ckpt    {metrics.get('best_checkpoint') or 'checkpoints/last.ckpt'}"]
+        lines += [f"  sample       vaelab-generate run_dir={run}",
+                  f"  evaluate     vaelab-eval run_dir={run}   (importance-sampled NLL, K=5000)"]
     return "\n".join(lines)
 
 
