@@ -66,7 +66,7 @@ def test_eval_scores_a_run_again(dsprites_run):
         cfg = compose("eval", overrides=[f"run_dir={run}", "nll_samples=2", "limit=20",
                                          "disentanglement=quick", "seed=42"])
     results = evaluate(cfg)
-    assert json.loads((run / "eval.json").read_text())["disentanglement/mig"] == \
+    assert json.loads((run / "eval_K2_limit20.json").read_text())["disentanglement/mig"] == \
         results["disentanglement/mig"]
     # the same seed (the run's), samples and (best) weights: the training run's numbers
     assert results["disentanglement/mig"] == pytest.approx(metrics["disentanglement/mig"])

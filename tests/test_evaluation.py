@@ -97,18 +97,21 @@ def test_eval_command_writes_json_csv_tensorboard_and_auroc(compose_train, image
     (tmp_path / ".hydra").mkdir()
     OmegaConf.save(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
                    tmp_path / ".hydra" / "config.yaml", resolve=True)
+    (tmp_path / "eval.json").write_text('{"eval/nll": 1.0}')  # an earlier in-domain evaluation
     result = subprocess.run([sys.executable, "eval.py", f"run_dir={tmp_path}", "nll_samples=50",
                              "chunk=16", "ood.dataset=fashion_mnist"], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads((tmp_path / "eval.json").read_text())
+    assert (tmp_path / "eval.json").read_text() == '{"eval/nll": 1.0}'  # kept
+    assert "test: NLL, K=50" in result.stderr  # the progress bar
+    results = json.loads((tmp_path / "eval_ood-fashion_mnist_K50.json").read_text())
     assert results["eval/nll"] <= results["eval/nelbo"]
     assert results["eval/nll"] == pytest.approx(results["eval/bits_per_dim"] * 784 * math.log(2))
     assert 0 <= results["eval/active_units"] <= 16
     assert sum(results[f"eval/kl_dim_{u}"] for u in range(16)) == pytest.approx(
         results["eval/kl"], rel=1e-4)
     assert 0.0 <= results["eval/auroc_nll"] <= 1.0
-    with open(tmp_path / "scores.csv") as file:
+    with open(tmp_path / "scores_ood-fashion_mnist_K50.csv") as file:
         rows = list(csv.DictReader(file))
     assert len(rows) == 2 * N_TEST and {r["set"] for r in rows} == {"test", "ood"}
     assert all(float(r["nll"]) <= float(r["nelbo"]) + 1e-3 for r in rows)
@@ -123,10 +126,11 @@ def test_eval_command_writes_json_csv_tensorboard_and_auroc(compose_train, image
                              f"out_dir={tmp_path / 'folder'}"], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)
     assert folder.returncode == 0, folder.stderr[-3000:]
-    with open(tmp_path / "folder" / "scores.csv") as file:
+    name = f"ood-{image_dir.name}_K10"
+    with open(tmp_path / "folder" / f"scores_{name}.csv") as file:
         ood_rows = [r for r in csv.DictReader(file) if r["set"] == "ood"]
     assert 0 < len(ood_rows) < 12  # the folder's test split, scored by the MNIST model
-    assert 0.0 <= json.loads((tmp_path / "folder" / "eval.json").read_text())[
+    assert 0.0 <= json.loads((tmp_path / "folder" / f"eval_{name}.json").read_text())[
         "eval/auroc_nll"] <= 1.0
 
 

@@ -117,3 +117,18 @@ def test_subnormal_floats_are_flushed_to_zero_on_request(compose_train, flush):
         assert bool((subnormal * 1.0 == 0).item()) is flush
     finally:
         torch.set_flush_denormal(False)
+
+
+@pytest.mark.parametrize("native, warned", [(True, False), (False, True)])
+def test_bf16_on_a_cpu_without_bf16_instructions_warns_once(compose_train, monkeypatch, caplog,
+                                                            native, warned):
+    from vaelab.cli.train import warn_slow_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    cfg = compose_train(CPU, "trainer.precision=bf16-mixed")
+    warn_slow_precision(cfg.trainer)
+    assert ("without AVX512-BF16" in caplog.text) is warned
+    caplog.clear()
+    warn_slow_precision(compose_train(CPU).trainer)  # float32: never a warning
+    assert "AVX512-BF16" not in caplog.text

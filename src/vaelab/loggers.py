@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_LOGGERS = (TensorBoardLogger, MLFlowLogger, WandbLogger)
 # As the command was launched: mlflow.set_tracking_uri() exports the variable, and a multirun's
-# next job would otherwise log into the previous job's store.
+# next job would otherwise log into the previous job's store (see also `close`).
 LAUNCH_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
@@ -54,8 +54,14 @@ def mlflow_settings(given: dict[str, Any]) -> dict[str, Any]:
 
 
 def close(loggers: Iterable[Logger]) -> None:
-    """End the W&B run: Lightning leaves it open, and the next run in this process (a multirun's
-    next job) would otherwise log into it."""
+    """Leave the process as the run found it: end the W&B run (Lightning leaves it open, and the
+    next run in this process, a multirun's next job, would log into it) and restore
+    MLFLOW_TRACKING_URI, which MLflow exports (child processes would inherit this run's store)."""
+    if any(isinstance(logger, MLFlowLogger) for logger in loggers):
+        if LAUNCH_TRACKING_URI is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = LAUNCH_TRACKING_URI
     for logger in loggers:
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
             try:

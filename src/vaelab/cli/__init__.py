@@ -1,7 +1,6 @@
 """Thin Hydra entry points, and the resolvers their configs use."""
 
 import functools
-import logging
 import os
 import sys
 import warnings
@@ -23,8 +22,8 @@ def config_dir() -> str:
 
 
 def reports_user_errors(task: Callable) -> Callable:
-    """A Hydra task whose bad-input errors end the command with their message alone and exit
-    status 1; bugs keep their traceback, and HYDRA_FULL_ERROR=1 shows it for both."""
+    """A Hydra task whose bad-input errors end the command with their message alone on stderr
+    and exit status 1; bugs keep their traceback, and HYDRA_FULL_ERROR=1 shows it for both."""
 
     @functools.wraps(task)
     def run(*args, **kwargs):
@@ -34,10 +33,17 @@ def reports_user_errors(task: Callable) -> Callable:
             found = user_error(err)
             if found is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            logging.getLogger(task.__module__).error("%s", found)
+            print(f"Error: {found}", file=sys.stderr)
             raise SystemExit(1) from None
 
     return run
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """A whole file or none: a process killed while writing leaves the previous one intact."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 def resume_checkpoint(resume: str | None, ckpt_path: str | None) -> str | None:

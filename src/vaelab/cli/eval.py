@@ -1,9 +1,12 @@
 """`vaelab-eval run_dir=...`: importance-sampled NLL, bits/dim, active units, KL per dimension,
-and anomaly scores, written to eval.json, scores.csv and the run's TensorBoard."""
+and anomaly scores, written to eval[_<settings>].json, scores[_<settings>].csv and the run's
+TensorBoard."""
 
 import csv
+import io
 import json
 import logging
+import math
 from pathlib import Path
 
 import hydra
@@ -12,20 +15,44 @@ from omegaconf import DictConfig, OmegaConf
 
 from vaelab import evaluation, runs, schema
 from vaelab import scores as vaelab_scores
-from vaelab.cli import config_dir, reports_user_errors
+from vaelab.cli import config_dir, reports_user_errors, write_atomically
 from vaelab.errors import BadValue
 
 log = logging.getLogger(__name__)
 
 
+def output_name(cfg: DictConfig) -> str:
+    """`eval` for the paper's setting (test split, K=5000, every example); otherwise the
+    settings that differ, e.g. `eval_ood-fashion_mnist_K200_limit1000`, so that an OOD or quick
+    evaluation never overwrites the in-domain numbers."""
+    parts = [] if cfg.split == "test" else [cfg.split]
+    ood = {k: v for k, v in cfg.ood.items() if v is not None}
+    if ood:
+        other = ood.get("dataset") or Path(str(ood.get("path") or ood.get("_target_"))).name
+        parts.append(f"ood-{other}")
+    if cfg.nll_samples != 5000:
+        parts.append(f"K{cfg.nll_samples}")
+    if cfg.limit:
+        parts.append(f"limit{cfg.limit}")
+    return "_".join(["eval", *parts])
+
+
+def progress(batches, total: int, what: str):
+    """A progress bar on stderr: K=5000 over a test set takes minutes on a CPU."""
+    from tqdm import tqdm
+
+    return tqdm(batches, total=total, desc=what, unit="batch", leave=False)
+
+
 def write_scores(path: Path, named_scores: dict[str, evaluation.Scores]) -> None:
-    with open(path, "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["set", "index", "label", "nll", "nelbo"])
-        for name, s in named_scores.items():
-            for i, row in enumerate(zip(s.labels.tolist(), s.nll.tolist(), s.nelbo.tolist(),
-                                        strict=True)):
-                writer.writerow([name, i, *row])
+    lines = io.StringIO()
+    writer = csv.writer(lines)
+    writer.writerow(["set", "index", "label", "nll", "nelbo"])
+    for name, s in named_scores.items():
+        for i, row in enumerate(zip(s.labels.tolist(), s.nll.tolist(), s.nelbo.tolist(),
+                                    strict=True)):
+            writer.writerow([name, i, *row])
+    write_atomically(path, lines.getvalue())
 
 
 def disentanglement(vae, run_cfg: DictConfig, cfg: DictConfig) -> dict[str, float]:
@@ -49,9 +76,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         data = ood if "_target_" in ood else OmegaConf.merge(run_cfg.data, ood)
         sets["ood"] = runs.load_split(OmegaConf.merge(run_cfg, {"data": None}, {"data": data}),
                                       cfg.split)
-    scores = {name: evaluation.score(module.vae, runs.batches(data, cfg.batch_size, cfg.limit),
-                                     cfg.nll_samples, cfg.chunk)
-              for name, data in sets.items()}
+    scores = {}
+    for name, data in sets.items():
+        n = len(data) if cfg.limit is None else min(cfg.limit, len(data))
+        batches = progress(runs.batches(data, cfg.batch_size, cfg.limit),
+                           math.ceil(n / cfg.batch_size), f"{name}: NLL, K={cfg.nll_samples}")
+        scores[name] = evaluation.score(module.vae, batches, cfg.nll_samples, cfg.chunk)
     results = evaluation.summary(scores[cfg.split], module.vae, cfg.nll_samples)
     results["eval/checkpoint"] = str(ckpt)
     if cfg.disentanglement:
@@ -64,8 +94,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     out = Path(cfg.out_dir) if cfg.out_dir else run
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(results, indent=2))
-    write_scores(out / "scores.csv", scores)
+    name = output_name(cfg)
+    json_path, csv_path = out / f"{name}.json", out / f"{name.replace('eval', 'scores', 1)}.csv"
+    write_atomically(json_path, json.dumps(results, indent=2))
+    write_scores(csv_path, scores)
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(run / "tensorboard")) as writer:
@@ -77,7 +109,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                                                          if k.startswith("disentanglement/"))):
         if key in results:
             log.info("%-18s %s", key, f"{results[key]:.4f}")
-    log.info("wrote %s and %s", out / "eval.json", out / "scores.csv")
+    log.info("wrote %s and %s", json_path, csv_path)
     return results
 
 
