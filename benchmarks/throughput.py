@@ -9,9 +9,14 @@ negative ELBO each reaches after the same epochs.
 
     python benchmarks/throughput.py --data-dir ../shared/data                 # 10 epochs each
     python benchmarks/throughput.py --models mlp --epochs 3 --settings 32-true bf16-mixed
+
+`--models iwae20` is the likelihood benchmark's step instead: experiment=mnist_best's net
+(784-200-200-50, tanh), IWAE bound with K=5, batch 20, dynamic binarization, fused Adam, as a
+plain eager loop and as vaelab's Lightning step, in ms per step over the same number of steps.
 """
 
 import argparse
+import math
 import statistics
 import time
 
@@ -102,6 +107,96 @@ def vaelab_loop(name, data_dir, epochs, setting):
     return timer.times, len(datamodule.train_set), test
 
 
+IWAE_MODEL = {"_target_": "vaelab.models.MLPVAE", "hidden_dims": [200, 200],
+              "activation": "tanh"}
+
+
+def iwae_module(compiled: bool) -> VAEModule:
+    module = VAEModule(model=IWAE_MODEL, likelihood={
+        "_target_": "vaelab.likelihoods.BernoulliLikelihood"},
+        objective={"_target_": "vaelab.objectives.IWAE", "mc_samples": 5},
+        optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3, "eps": 1e-4,
+                   "fused": True},
+        data_shape=[1, 28, 28], latent_dim=50)
+    if compiled:
+        module.objective.compile()
+    return module
+
+
+def plain_iwae_loss(vae, x, k=5):
+    """The negative IWAE bound by hand, averaged over the batch."""
+    mu, logvar = vae.encoder(x).chunk(2, dim=-1)
+    std = (0.5 * logvar).exp()
+    eps = torch.randn(k, *mu.shape)
+    z = mu + eps * std
+    logits = vae.decoder(z.flatten(0, 1)).view(k, len(x), -1)
+    log_px = -F.binary_cross_entropy_with_logits(logits, x.flatten(1).expand(k, -1, -1),
+                                                 reduction="none").sum(-1)
+    log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(-1)
+    log_qz = -0.5 * (eps.pow(2) + math.log(2 * math.pi) + logvar).sum(-1)
+    return -(torch.logsumexp(log_px + log_pz - log_qz, 0) - math.log(k)).mean()
+
+
+def plain_iwae_steps(images: torch.Tensor, warmup: int, steps: int) -> float:
+    """ms per step of a plain eager loop: a shuffled slice, a Bernoulli draw, the loss, Adam."""
+    torch.manual_seed(0)
+    vae = iwae_module(compiled=False).vae
+    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3, eps=1e-4, fused=True)
+    order = torch.randperm(len(images))
+    for i in range(warmup + steps):
+        if i == warmup:
+            start = time.perf_counter()
+        x = torch.bernoulli(images[order[i * 20 % len(images):][:20]])
+        optimizer.zero_grad(set_to_none=True)
+        plain_iwae_loss(vae, x).backward()
+        optimizer.step()
+    return (time.perf_counter() - start) / steps * 1000
+
+
+class StepTimer(L.Callback):
+    """Wall time from the start of batch `warmup` to the end of the last one."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.end = warmup, 0.0, 0.0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.warmup:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.end = time.perf_counter()
+
+
+def vaelab_iwae_steps(data_dir: str, warmup: int, steps: int, compiled: bool) -> float:
+    """ms per step of vaelab's training step in Lightning's loop (no validation, checkpoints,
+    pictures or progress bar: those are the run's, not the step's)."""
+    L.seed_everything(0, verbose=False)
+    datamodule = MNISTDataModule(data_dir=data_dir, batch_size=20, binarize="dynamic",
+                                 val_size=1000)
+    timer = StepTimer(warmup)
+    trainer = L.Trainer(accelerator="cpu", max_steps=warmup + steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[timer],
+                        log_every_n_steps=500)
+    trainer.fit(iwae_module(compiled), datamodule=datamodule)
+    return (timer.end - timer.start) / steps * 1000
+
+
+def iwae_row(data_dir: str, steps: int) -> None:
+    datamodule = MNISTDataModule(data_dir=data_dir, batch_size=20, val_size=1000)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    images = torch.cat([x for x, _ in datamodule.train_dataloader()]).float()
+    warmup = 200
+    plain = plain_iwae_steps(images, warmup, steps)
+    print(f"iwae20 (784-200-200-50, K=5, batch 20), {steps} steps after {warmup}:")
+    print(f"  plain eager loop               {plain:6.2f} ms/step")
+    for compiled in (False, True):
+        ours = vaelab_iwae_steps(data_dir, warmup, steps, compiled)
+        label = "vaelab" + (" compile=true" if compiled else " (eager)")
+        print(f"  {label:<30} {ours:6.2f} ms/step  ratio {ours / plain:.2f} (target <= 1.15)")
+
+
 def report(label, times, n):
     steady = statistics.median(times[1:] if len(times) > 1 else times)
     per_60k = steady * 60000 / n
@@ -114,7 +209,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--models", nargs="+", default=["mlp", "conv"], choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=["mlp", "conv"],
+                        choices=[*MODELS, "iwae20"])
+    parser.add_argument("--steps", type=int, default=2000, help="for iwae20")
     parser.add_argument("--settings", nargs="+", default=["32-true", "bf16-mixed+compile"],
                         help="vaelab's trainer.precision, each optionally with +compile")
     parser.add_argument("--threads", type=int, default=None)
@@ -124,6 +221,9 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.epochs} epochs "
           f"(s/epoch: median after the first, per 60k images)")
     for name in args.models:
+        if name == "iwae20":
+            iwae_row(args.data_dir, args.steps)
+            continue
         print(f"{name}:")
         times, n, test = plain_loop(name, args.data_dir, args.epochs)
         base = report("plain (float32, DataLoader)", times, n)
