@@ -112,3 +112,15 @@ def test_a_failing_logger_warns_and_the_others_still_get_the_picture(caplog):
     loggers.log_picture([Broken(), collector], "pictures/samples", torch.zeros(1, 2, 2), 7)
     assert collector.images == [("pictures/samples", 7)]
     assert "tracking server unreachable" in caplog.text
+
+
+def test_a_tracker_that_is_not_installed_says_how_to_install_it(monkeypatch):
+    from vaelab.errors import UserError
+
+    def missing(self, *args, **kwargs):
+        raise ModuleNotFoundError("No module named 'mlflow'")
+
+    monkeypatch.setattr(loggers.MLFlowLogger, "__init__", missing)
+    spec = {"_target_": "lightning.pytorch.loggers.MLFlowLogger", "save_dir": "mlruns"}
+    with pytest.raises(UserError, match=r"pip install -e \"\.\[trackers\]\""):
+        loggers.build([spec])

@@ -18,6 +18,10 @@ class MissingFile(UserError, FileNotFoundError):
     """A file or folder that the command needs and did not find."""
 
 
+class MissingPackage(UserError, ModuleNotFoundError):
+    """An optional package that the chosen config needs (logger=mlflow, logger=wandb)."""
+
+
 class Unwritable(UserError, OSError):
     """A folder the command must write to and cannot."""
 

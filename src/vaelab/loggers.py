@@ -14,6 +14,8 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
+from vaelab.errors import MissingPackage
+
 log = logging.getLogger(__name__)
 
 IMAGE_LOGGERS = (TensorBoardLogger, MLFlowLogger, WandbLogger)
@@ -36,7 +38,12 @@ def build(specs: Iterable[Any], resume_step: int | None = None) -> list[Logger]:
             extra = mlflow_settings(make.keywords)
         if issubclass(kind, TensorBoardLogger) and resume_step:
             extra = {"purge_step": resume_step}
-        loggers.append(make(**extra))
+        try:
+            loggers.append(make(**extra))
+        except ModuleNotFoundError as err:
+            raise MissingPackage(f"{kind.__name__} needs a package that is not installed "
+                                 f"({err}); install the trackers with: pip install -e "
+                                 f"\".[trackers]\"") from err
     return loggers
 
 
