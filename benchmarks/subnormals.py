@@ -12,26 +12,15 @@ keep the old one, so it must be set before the first parallel op, as train.py do
 """
 
 import argparse
-import platform
 import subprocess
 import sys
 import time
 
 import torch
+from picture_memory import cpu_flags  # benchmarks/ is on the path when run as a script
 
 from vaelab import runs
 from vaelab.module import VAEModule
-
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-
-
-def cpu_flags() -> str:
-    try:
-        text = open("/proc/cpuinfo").read()
-    except OSError:
-        return platform.processor()
-    have = set(text.split("flags", 1)[1].split("\n", 1)[0].split())
-    return " ".join(f for f in FLAGS if f in have)
 
 
 def subnormal_count(optimizer: torch.optim.Optimizer) -> tuple[int, int]:

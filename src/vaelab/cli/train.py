@@ -176,10 +176,7 @@ def fit_and_test(cfg: DictConfig, trainer: L.Trainer, module: VAEModule, datamod
 
 def finish_block(run: Path, metrics: dict[str, Any], discrete: bool) -> str:
     """What a finished run leaves and what to run next, in a few lines."""
-    try:
-        run = run.resolve().relative_to(Path.cwd())
-    except ValueError:
-        pass
+    run = Path(relative_to(str(run), Path.cwd()))
     tested = "  ".join(f"{key} {metrics[f'test/{key}']:.2f}"
                        for key in ("nelbo", "recon", "kl", "bpd") if f"test/{key}" in metrics)
     if "eval/nll" in metrics:
