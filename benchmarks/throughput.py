@@ -11,8 +11,9 @@ negative ELBO each reaches after the same epochs.
     python benchmarks/throughput.py --models mlp --epochs 3 --settings 32-true bf16-mixed
 
 `--models iwae20` is the likelihood benchmark's step instead: experiment=mnist_best's net
-(784-200-200-50, tanh), IWAE bound with K=5, batch 20, dynamic binarization, fused Adam, as a
-plain eager loop and as vaelab's Lightning step, in ms per step over the same number of steps.
+(784-200-200-50, tanh), IWAE bound with K=5, batch 20 (the paper's; `--iwae-batches 20 100` adds
+mnist_best's 100), dynamic binarization, fused Adam, as a plain eager loop and as vaelab's
+Lightning step, in ms per step over the same number of steps.
 """
 
 import argparse
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
+from vaelab.cli.train import cache_cuda_probe
 from vaelab.data import MNISTDataModule
 from vaelab.module import VAEModule
 
@@ -137,7 +139,7 @@ def plain_iwae_loss(vae, x, k=5):
     return -(torch.logsumexp(log_px + log_pz - log_qz, 0) - math.log(k)).mean()
 
 
-def plain_iwae_steps(images: torch.Tensor, warmup: int, steps: int) -> float:
+def plain_iwae_steps(images: torch.Tensor, warmup: int, steps: int, batch: int = 20) -> float:
     """ms per step of a plain eager loop: a shuffled slice, a Bernoulli draw, the loss, Adam."""
     torch.manual_seed(0)
     vae = iwae_module(compiled=False).vae
@@ -146,7 +148,7 @@ def plain_iwae_steps(images: torch.Tensor, warmup: int, steps: int) -> float:
     for i in range(warmup + steps):
         if i == warmup:
             start = time.perf_counter()
-        x = torch.bernoulli(images[order[i * 20 % len(images):][:20]])
+        x = torch.bernoulli(images[order[i * batch % len(images):][:batch]])
         optimizer.zero_grad(set_to_none=True)
         plain_iwae_loss(vae, x).backward()
         optimizer.step()
@@ -167,11 +169,12 @@ class StepTimer(L.Callback):
         self.end = time.perf_counter()
 
 
-def vaelab_iwae_steps(data_dir: str, warmup: int, steps: int, compiled: bool) -> float:
+def vaelab_iwae_steps(data_dir: str, warmup: int, steps: int, compiled: bool,
+                      batch: int = 20) -> float:
     """ms per step of vaelab's training step in Lightning's loop (no validation, checkpoints,
     pictures or progress bar: those are the run's, not the step's)."""
     L.seed_everything(0, verbose=False)
-    datamodule = MNISTDataModule(data_dir=data_dir, batch_size=20, binarize="dynamic",
+    datamodule = MNISTDataModule(data_dir=data_dir, batch_size=batch, binarize="dynamic",
                                  val_size=1000)
     timer = StepTimer(warmup)
     trainer = L.Trainer(accelerator="cpu", max_steps=warmup + steps, logger=False,
@@ -182,17 +185,17 @@ def vaelab_iwae_steps(data_dir: str, warmup: int, steps: int, compiled: bool) ->
     return (timer.end - timer.start) / steps * 1000
 
 
-def iwae_row(data_dir: str, steps: int) -> None:
+def iwae_row(data_dir: str, steps: int, batch: int) -> None:
     datamodule = MNISTDataModule(data_dir=data_dir, batch_size=20, val_size=1000)
     datamodule.prepare_data()
     datamodule.setup("fit")
     images = torch.cat([x for x, _ in datamodule.train_dataloader()]).float()
     warmup = 200
-    plain = plain_iwae_steps(images, warmup, steps)
-    print(f"iwae20 (784-200-200-50, K=5, batch 20), {steps} steps after {warmup}:")
+    plain = plain_iwae_steps(images, warmup, steps, batch)
+    print(f"iwae (784-200-200-50, K=5, batch {batch}), {steps} steps after {warmup}:")
     print(f"  plain eager loop               {plain:6.2f} ms/step")
     for compiled in (False, True):
-        ours = vaelab_iwae_steps(data_dir, warmup, steps, compiled)
+        ours = vaelab_iwae_steps(data_dir, warmup, steps, compiled, batch)
         label = "vaelab" + (" compile=true" if compiled else " (eager)")
         print(f"  {label:<30} {ours:6.2f} ms/step  ratio {ours / plain:.2f} (target <= 1.15)")
 
@@ -212,17 +215,22 @@ def main():
     parser.add_argument("--models", nargs="+", default=["mlp", "conv"],
                         choices=[*MODELS, "iwae20"])
     parser.add_argument("--steps", type=int, default=2000, help="for iwae20")
+    parser.add_argument("--iwae-batches", type=int, nargs="+", default=[20], help="for iwae20")
     parser.add_argument("--settings", nargs="+", default=["32-true", "bf16-mixed+compile"],
                         help="vaelab's trainer.precision, each optionally with +compile")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    # What `python train.py` does: importing Lightning made torch probe NVML at every Adam
+    # step (a plain script that never imports Lightning does not pay that either).
+    cache_cuda_probe()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.epochs} epochs "
           f"(s/epoch: median after the first, per 60k images)")
     for name in args.models:
         if name == "iwae20":
-            iwae_row(args.data_dir, args.steps)
+            for batch in args.iwae_batches:
+                iwae_row(args.data_dir, args.steps, batch)
             continue
         print(f"{name}:")
         times, n, test = plain_loop(name, args.data_dir, args.epochs)

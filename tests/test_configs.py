@@ -52,14 +52,17 @@ def test_reference_experiment_is_the_pytorch_examples_setup(compose_train):
     assert cfg.likelihood._target_.endswith("BernoulliLikelihood")
 
 
-def test_best_mnist_experiment_squeezes_the_paper_schedule_into_the_budget(compose_train):
+def test_best_mnist_experiment_anneals_over_its_budget(compose_train):
     from vaelab.objectives import IWAE
+    from vaelab.schedules import BudgetSchedule
 
-    cfg = compose_train("experiment=mnist_best", "trainer.max_epochs=30", tiny=False)
-    assert cfg.model.hidden_dims == [200, 200] and cfg.latent_dim == 50 and cfg.compile
-    assert cfg.data.binarize == "dynamic" and cfg.data.batch_size == 20
+    cfg = compose_train("experiment=mnist_best", "trainer.max_time=00:00:58:00", tiny=False)
+    assert cfg.model.hidden_dims == [200, 200] and cfg.latent_dim == 50 and not cfg.compile
+    assert cfg.data.binarize == "dynamic" and cfg.data.batch_size == 100 and cfg.lr == 2e-3
     module = build_module(cfg, instantiate(cfg.data))
     assert isinstance(module.objective, IWAE) and module.objective.mc_samples == 5
-    schedule = module.configure_optimizers()["lr_scheduler"]["scheduler"]
-    # Stage ends at 0.01, 0.04, 0.12, 0.37, 1.1, 3.3, 10, 30 epochs: epoch 0 is in stage 4.
-    assert [schedule.lr_lambdas[0](e) for e in (0, 29)] == pytest.approx([10 ** (-4 / 7), 0.1])
+    assert not isinstance(module.configure_optimizers(), dict)  # no epoch schedule beside it
+    schedule = instantiate(cfg.callbacks.lr_budget)
+    assert isinstance(schedule, BudgetSchedule)
+    # warm-up over 2% of the budget, then from 2e-3 down to 1e-4 at its end
+    assert [schedule.factor(p) for p in (0.01, 0.02, 1.0)] == pytest.approx([0.5, 1.0, 0.05])

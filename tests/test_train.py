@@ -4,12 +4,15 @@ import json
 import math
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import Timer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vaelab.cli.train import train
 from vaelab.module import VAEModule
+from vaelab.schedules import BudgetSchedule
 
 CPU = "trainer.accelerator=cpu"
 
@@ -132,3 +135,33 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns_once(compose_train, monke
     caplog.clear()
     warn_slow_precision(compose_train(CPU).trainer)  # float32: never a warning
     assert "AVX512-BF16" not in caplog.text
+
+
+BUDGET = "callbacks.lr_budget={_target_:vaelab.schedules.BudgetSchedule,warmup:0.25,final:0.1}"
+
+
+def test_budget_schedule_warms_up_then_anneals_over_the_budget(compose_train, tmp_path):
+    train(compose_train(CPU, BUDGET, "trainer.max_epochs=4", "lr=0.01"))  # 5 steps an epoch
+    events = scalars(tmp_path)
+    lrs = [s.value for s in events.Scalars("lr-Adam")]  # at each epoch's start
+    # progress 0, 1/4, 1/2, 3/4: warm-up from 0 to the peak, then cosine towards 0.1 x peak
+    expected = [0.0, 1.0, 0.1 + 0.9 * 0.75, 0.1 + 0.9 * 0.25]
+    assert lrs == pytest.approx([0.01 * f for f in expected], abs=1e-7)
+    epochs = [s.value for s in events.Scalars("time/epoch_s")]
+    validations = [s.value for s in events.Scalars("time/val_s")]
+    assert len(epochs) == 4 and all(0 < v < e for v, e in zip(validations, epochs, strict=True))
+    assert all(s.value > 0 for s in events.Scalars("time/step_ms"))
+
+
+def test_budget_schedule_follows_the_clock_and_refuses_a_second_schedule(compose_train):
+    trainer = L.Trainer(max_epochs=-1, max_steps=1000, max_time={"seconds": 100},
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    timer = next(c for c in trainer.callbacks if isinstance(c, Timer))
+    assert BudgetSchedule.progress(trainer) == 0.0
+    timer.load_state_dict({"time_elapsed": {"train": 60.0}})  # as a resumed run's Timer
+    assert BudgetSchedule.progress(trainer) == pytest.approx(0.6)
+    timer.load_state_dict({"time_elapsed": {"train": 130.0}})
+    assert BudgetSchedule.progress(trainer) == 1.0
+    with pytest.raises(ValueError, match="two learning-rate schedules"):
+        train(compose_train(CPU, BUDGET, "trainer.max_epochs=1", "scheduler={_target_:torch."
+                            "optim.lr_scheduler.StepLR,_partial_:true,step_size:1}"))

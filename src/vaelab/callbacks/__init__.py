@@ -1,5 +1,6 @@
 """Lightning callbacks: what users look at in TensorBoard while a model trains."""
 
+from vaelab.callbacks.clock import EpochClock
 from vaelab.callbacks.pictures import (
     EmbeddingProjector,
     Interpolations,
@@ -11,4 +12,5 @@ from vaelab.callbacks.pictures import (
 )
 
 __all__ = ["Reconstructions", "PriorSamples", "LatentManifold", "LatentScatter",
-           "Interpolations", "EmbeddingProjector", "Traversals"]
+           "Interpolations", "EmbeddingProjector", "Traversals",
+           "EpochClock"]

@@ -120,6 +120,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("resuming from %s at step %s", ckpt_path, resume_step)
     check_accelerator(cfg.trainer)
     warn_slow_precision(cfg.trainer)
+    cache_cuda_probe()
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     run_loggers = loggers.build((cfg.get("logger") or {}).values(), resume_step)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[c for c in callbacks if c],
@@ -208,6 +209,17 @@ def check_accelerator(trainer: DictConfig) -> None:
         raise BadValue(f"trainer.accelerator={accelerator}: no GPU was found ({why}). Leave "
                        f"trainer=gpu/ddp out to train on the CPU (trainer=default picks what "
                        f"there is), or use trainer=ddp_cpu for several CPU processes.")
+
+
+def cache_cuda_probe() -> None:
+    """Lightning makes torch ask NVML whether there is a GPU (it cannot poison a later fork),
+    and torch does not cache that answer before CUDA starts: Adam's step asks it every step,
+    which on a machine without an NVIDIA driver is a failed dlopen each time (65 us a call
+    here, 2% of a batch-20 step). With no GPU there is no CUDA to poison, so use torch's own
+    probe, which is asked once."""
+    if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == "1" and \
+            torch.cuda.device_count() == 0:
+        os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
 
 
 def warn_slow_precision(trainer: DictConfig) -> None:
