@@ -1,6 +1,7 @@
 """Training runs end to end on tiny generated data: outputs, logged numbers, checkpoints."""
 
 import json
+import os
 import math
 from pathlib import Path
 
@@ -165,3 +166,13 @@ def test_budget_schedule_follows_the_clock_and_refuses_a_second_schedule(compose
     with pytest.raises(ValueError, match="two learning-rate schedules"):
         train(compose_train(CPU, BUDGET, "trainer.max_epochs=1", "scheduler={_target_:torch."
                             "optim.lr_scheduler.StepLR,_partial_:true,step_size:1}"))
+
+
+def test_the_cuda_probe_is_asked_once_on_a_machine_without_a_gpu(monkeypatch):
+    from vaelab.cli.train import cache_cuda_probe
+
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # as importing Lightning sets it
+    cache_cuda_probe()
+    no_gpu = torch.cuda.device_count() == 0
+    assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == ("0" if no_gpu else "1")
+    assert torch.cuda.is_available() is not no_gpu
