@@ -1,8 +1,8 @@
 """Training runs end to end on tiny generated data: outputs, logged numbers, checkpoints."""
 
 import json
-import os
 import math
+import os
 from pathlib import Path
 
 import lightning as L
