@@ -204,7 +204,7 @@ def report(label, times, n):
     steady = statistics.median(times[1:] if len(times) > 1 else times)
     per_60k = steady * 60000 / n
     print(f"  {label:<27} {per_60k:6.2f} s/epoch {n / steady:8.0f} samples/s"
-          f"  (first epoch {times[0]:.2f} s)", end="")
+          f"  (first epoch {times[0]:.2f} s, whole run {sum(times):.1f} s)", end="")
     return per_60k
 
 

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Timer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from vaelab.cli.train import train
+from vaelab.cli.train import train, warn_slow_switches
 from vaelab.module import VAEModule
 from vaelab.schedules import BudgetSchedule
 
@@ -126,16 +126,22 @@ def test_subnormal_floats_are_flushed_to_zero_on_request(compose_train, flush):
 @pytest.mark.parametrize("native, warned", [(True, False), (False, True)])
 def test_bf16_on_a_cpu_without_bf16_instructions_warns_once(compose_train, monkeypatch, caplog,
                                                             native, warned):
-    from vaelab.cli.train import warn_slow_precision
-
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    cfg = compose_train(CPU, "trainer.precision=bf16-mixed")
-    warn_slow_precision(cfg.trainer)
-    assert ("without AVX512-BF16" in caplog.text) is warned
+    warn_slow_switches(compose_train(CPU, "trainer.precision=bf16-mixed"))
+    assert caplog.text.count("without AVX512-BF16") == int(warned)
     caplog.clear()
-    warn_slow_precision(compose_train(CPU).trainer)  # float32: never a warning
-    assert "AVX512-BF16" not in caplog.text
+    warn_slow_switches(compose_train(CPU))  # float32, eager: never a warning
+    assert not caplog.text
+
+
+@pytest.mark.parametrize("capability, reason", [("AVX2", "43 s against 7 s"),
+                                                ("AVX512", "22 to 28 s to compile")])
+def test_compile_on_the_cpu_warns_with_what_it_measured_on_such_a_cpu(
+        compose_train, monkeypatch, caplog, capability, reason):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    warn_slow_switches(compose_train(CPU, "compile=true"))
+    assert caplog.text.count("compile=true") == 1 and reason in caplog.text
 
 
 BUDGET = "callbacks.lr_budget={_target_:vaelab.schedules.BudgetSchedule,warmup:0.25,final:0.1}"
