@@ -13,6 +13,10 @@ from vaelab.errors import MissingFile, user_error
 
 # Lightning calls a torch API that torch has deprecated, on every run: nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+# Lightning's hint for short epochs (a folder of a few hundred images): vaelab's training
+# metrics are epoch means, logged whatever log_every_n_steps is.
+warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than "
+                        r"the logging interval")
 
 
 def config_dir() -> str:
