@@ -99,3 +99,20 @@ def test_extreme_encoder_output_keeps_a_finite_posterior():
         vae.encoder.head[-1].bias.fill_(1e4)  # log sigma^2 = 1e4 would overflow without the clamp
     q = vae.encode(torch.rand(2, 1, 28, 28))
     assert torch.isfinite(q.variance).all()
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_bernoulli_likelihood_is_torchs_summed_over_the_example(binary):
+    """vaelab sums before negating (one full-size op fewer); values and gradients stay torch's,
+    for K draws of logits against one batch of targets, binary or grey."""
+    logits = torch.randn(5, 7, 1, 6, 6, dtype=torch.float64, requires_grad=True)
+    x = torch.rand(7, 1, 6, 6, dtype=torch.float64)
+    x = torch.bernoulli(x) if binary else x
+    ours = BernoulliLikelihood()(logits, 3).log_prob(x)
+    torchs = torch.distributions.Independent(
+        torch.distributions.Bernoulli(logits=logits, validate_args=False), 3).log_prob(x)
+    assert ours.shape == (5, 7)
+    torch.testing.assert_close(ours, torchs)
+    grad_ours, = torch.autograd.grad(ours.sum(), logits)
+    grad_torchs, = torch.autograd.grad(torchs.sum(), logits)
+    torch.testing.assert_close(grad_ours, grad_torchs)
