@@ -222,23 +222,21 @@ def cache_cuda_probe() -> None:
         os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
 
 
-def on_the_cpu(trainer: DictConfig) -> bool:
-    return trainer.get("accelerator") == "cpu" or not torch.cuda.is_available()
-
-
 def warn_slow_switches(cfg: DictConfig) -> None:
-    """The fast switches, where they measured slower (README "Speed"): say so once, with the
-    reason; the run goes on as asked."""
+    """The fast switches, where they measured slower on the CPU (README "Speed"): say so once,
+    with the reason; the run goes on as asked."""
+    if cfg.trainer.get("accelerator") != "cpu" and torch.cuda.is_available():
+        return
     precision = str(cfg.trainer.get("precision", "32-true"))
-    if "bf16" in precision and on_the_cpu(cfg.trainer):
+    if "bf16" in precision:
         is_native = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
         amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
         if is_native is not None and not is_native() and not (amx and amx()):
             log.warning("trainer.precision=%s on a CPU without AVX512-BF16 or AMX: bfloat16 is "
                         "emulated here and ran 3 to 13x slower than float32 on such CPUs. "
                         "Leave trainer.precision at 32-true on this machine.", precision)
-    if cfg.get("compile") and on_the_cpu(cfg.trainer):
-        if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
+    if cfg.get("compile"):
+        if torch.backends.cpu.get_cpu_capability() != "AVX512":
             why = ("on a CPU without AVX-512 a compiled MLP epoch took 43 s against 7 s eager; "
                    "leave compile off on this machine")
         else:
