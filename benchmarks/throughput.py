@@ -13,7 +13,7 @@ negative ELBO each reaches after the same epochs.
 `--models iwae20` is the likelihood benchmark's step instead: experiment=mnist_best's net
 (784-200-200-50, tanh), IWAE bound with K=5, batch 20 (the paper's; `--iwae-batches 20 100` adds
 mnist_best's 100), dynamic binarization, fused Adam, as a plain eager loop and as vaelab's
-Lightning step, in ms per step over the same number of steps.
+Lightning step, in ms per step over the same number of steps, taking turns (median of rounds).
 """
 
 import argparse
@@ -185,19 +185,30 @@ def vaelab_iwae_steps(data_dir: str, warmup: int, steps: int, compiled: bool,
     return (timer.end - timer.start) / steps * 1000
 
 
-def iwae_row(data_dir: str, steps: int, batch: int) -> None:
+def iwae_row(data_dir: str, steps: int, batch: int, rounds: int) -> None:
+    """Plain and vaelab take turns, `rounds` times: this machine's speed drifts by 10-20%
+    between minutes, so the median of interleaved rounds compares like with like."""
     datamodule = MNISTDataModule(data_dir=data_dir, batch_size=20, val_size=1000)
     datamodule.prepare_data()
     datamodule.setup("fit")
     images = torch.cat([x for x, _ in datamodule.train_dataloader()]).float()
     warmup = 200
-    plain = plain_iwae_steps(images, warmup, steps, batch)
-    print(f"iwae (784-200-200-50, K=5, batch {batch}), {steps} steps after {warmup}:")
-    print(f"  plain eager loop               {plain:6.2f} ms/step")
-    for compiled in (False, True):
-        ours = vaelab_iwae_steps(data_dir, warmup, steps, compiled, batch)
-        label = "vaelab" + (" compile=true" if compiled else " (eager)")
-        print(f"  {label:<30} {ours:6.2f} ms/step  ratio {ours / plain:.2f} (target <= 1.15)")
+    runs: dict[str, list[float]] = {"plain eager loop": [], "vaelab (eager)": [],
+                                    "vaelab compile=true": []}
+    for _ in range(rounds):
+        runs["plain eager loop"].append(plain_iwae_steps(images, warmup, steps, batch))
+        for compiled in (False, True):
+            label = "vaelab compile=true" if compiled else "vaelab (eager)"
+            runs[label].append(vaelab_iwae_steps(data_dir, warmup, steps, compiled, batch))
+    print(f"iwae (784-200-200-50, K=5, batch {batch}), {steps} steps after {warmup}, median of "
+          f"{rounds} interleaved rounds:")
+    plain = statistics.median(runs["plain eager loop"])
+    for label, times in runs.items():
+        ours = statistics.median(times)
+        each = " ".join(f"{t:.2f}" for t in times)
+        ratio = "" if times is runs["plain eager loop"] else \
+            f"  ratio {ours / plain:.2f} (target <= 1.15)"
+        print(f"  {label:<30} {ours:6.2f} ms/step{ratio}   rounds: {each}")
 
 
 def report(label, times, n):
@@ -214,7 +225,8 @@ def main():
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--models", nargs="+", default=["mlp", "conv"],
                         choices=[*MODELS, "iwae20"])
-    parser.add_argument("--steps", type=int, default=2000, help="for iwae20")
+    parser.add_argument("--steps", type=int, default=1000, help="for iwae20, per round")
+    parser.add_argument("--rounds", type=int, default=3, help="for iwae20")
     parser.add_argument("--iwae-batches", type=int, nargs="+", default=[20], help="for iwae20")
     parser.add_argument("--settings", nargs="+", default=["32-true", "bf16-mixed+compile"],
                         help="vaelab's trainer.precision, each optionally with +compile")
@@ -230,7 +242,7 @@ def main():
     for name in args.models:
         if name == "iwae20":
             for batch in args.iwae_batches:
-                iwae_row(args.data_dir, args.steps, batch)
+                iwae_row(args.data_dir, args.steps, batch, args.rounds)
             continue
         print(f"{name}:")
         times, n, test = plain_loop(name, args.data_dir, args.epochs)

@@ -4,9 +4,12 @@ from functools import partial
 
 import pytest
 import torch
+from torch.distributions import Independent, Normal, kl_divergence
 
 from vaelab.likelihoods import BernoulliLikelihood, GaussianLikelihood
 from vaelab.models import MLPVAE, ConvVAE, HierarchicalVAE, VampPrior
+from vaelab.models.priors import StandardNormal
+from vaelab.models.vae import DiagonalGaussian, normal_kl
 from vaelab.objectives import ELBO, IWAE
 
 SHAPES = [(1, 28, 28), (3, 32, 32), (3, 27, 20)]
@@ -123,3 +126,37 @@ def test_bernoulli_likelihood_expands_like_torchs():
     wider = p_x.expand((4, 3))
     assert wider.batch_shape == (4, 3) and wider.event_shape == (1, 2, 2)
     assert wider.log_prob(torch.ones(1, 2, 2)).shape == (4, 3)
+
+
+def test_posterior_log_density_at_its_own_draws_is_torchs_in_value_and_gradient():
+    """DiagonalGaussian reuses the noise of its last draw: log q(z) and its gradient in the
+    encoder's mean and scale (through z too) are those of torch's Normal; any other z takes the
+    general formula."""
+    loc = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    scale = (torch.rand(7, 4, dtype=torch.float64) + 0.2).requires_grad_()
+    torchs = Independent(Normal(loc, scale), 1)
+    for z_of in (lambda q: q.rsample((5,)), lambda q: q.rsample((5,)).detach() + 0.3):
+        q = DiagonalGaussian(loc, scale)
+        z = z_of(q)
+        ours, reference = q.log_prob(z), torchs.log_prob(z)
+        assert ours.shape == (5, 7)
+        torch.testing.assert_close(ours, reference)
+        # at its own draws log q does not depend on loc at all (d/dloc = 0, as torch's cancels)
+        torch.testing.assert_close(
+            torch.autograd.grad(ours.sum(), [loc, scale], allow_unused=True,
+                                materialize_grads=True),
+            torch.autograd.grad(reference.sum(), [loc, scale]))
+    drawn = q.sample((3,))
+    assert not drawn.requires_grad and drawn.shape == (3, 7, 4)
+    torch.testing.assert_close(q.log_prob(drawn), torchs.log_prob(drawn))
+    wider = q.expand((2, 7))
+    assert isinstance(wider, DiagonalGaussian) and wider.batch_shape == (2, 7)
+
+
+def test_unit_gaussian_prior_and_its_kl_are_torchs():
+    prior = StandardNormal(6)(None)
+    z = torch.randn(3, 5, 6)
+    reference = Independent(Normal(torch.zeros(6), torch.ones(6)), 1)
+    torch.testing.assert_close(prior.log_prob(z), reference.log_prob(z))
+    q = Normal(torch.randn(5, 6), torch.rand(5, 6) + 0.1)
+    torch.testing.assert_close(normal_kl(q), kl_divergence(q, reference.base_dist))

@@ -308,6 +308,32 @@ def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(compos
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
 
 
+class PoisonGradient(L.Callback):
+    """Turns one gradient into inf after the backward pass of training step `step` (the loss
+    stays finite)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_after_backward(self, trainer, module):
+        if trainer.global_step == self.step:
+            next(module.parameters()).grad.view(-1)[0] = float("inf")
+
+
+@pytest.mark.parametrize("log_every", [50, 8], ids=["fused-check", "logged-norm"])
+def test_non_finite_gradient_stops_before_the_weights_change(compose_train, tmp_path,
+                                                             log_every):
+    """Step 7 is checked by the fused check, or, when it logs (every 8th step), by the norm."""
+    cfg = compose_train(CPU, "trainer.max_epochs=5", *NO_PICTURES,
+                        f"trainer.log_every_n_steps={log_every}",
+                        "+callbacks.poison._target_=tests.test_robustness.PoisonGradient",
+                        "+callbacks.poison.step=7")
+    with pytest.raises(FloatingPointError, match="non-finite gradient.* at global step 7"):
+        train(cfg)
+    checkpoint = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
+
+
 def payloads(victim: Path, marker: Path) -> dict[str, dict]:
     """Specs that write, truncate or run something when handed to Hydra's instantiate: plain
     dicts and strings only, so weights_only=True loads them without complaint."""

@@ -43,6 +43,20 @@ class EpochMeans(Metric):
         return self.sums / self.count
 
 
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every value is finite, by GradScaler's fused check with a scale of 1 (which
+    changes nothing), run as it requires: once per device and dtype."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    found = []
+    for (device, _), group in groups.items():
+        found.append(torch.zeros(1, device=device))
+        torch._amp_foreach_non_finite_check_and_unscale_(group, found[-1],
+                                                         torch.ones(1, device=device))
+    return not any(f.item() for f in found)
+
+
 class VAEModule(L.LightningModule):
     def __init__(
         self,
@@ -181,14 +195,18 @@ class VAEModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer):
         """Stop before a non-finite gradient reaches the weights (fp16's scaler skips those
-        steps itself, so it is left to do so)."""
+        steps itself, so it is left to do so). The norm is taken on logging steps only; the
+        others get GradScaler's fused check (0.1 to 0.2 ms of a 3.5 ms batch-20 IWAE step, the
+        norm 0.3 ms)."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)
-        if getattr(self.trainer.precision_plugin, "scaler", None) is None and not torch.isfinite(
-                norm):
-            self._stop(f"non-finite gradient norm ({norm.item()})")
+        checked = getattr(self.trainer.precision_plugin, "scaler", None) is None
         if self._logs_this_step():
+            norm = torch.nn.utils.get_total_norm(grads)
+            if checked and not torch.isfinite(norm):
+                self._stop(f"non-finite gradient norm ({norm.item()})")
             self.log("train_step/grad_norm", norm, on_step=True, on_epoch=False)
+        elif checked and not all_finite(grads):
+            self._stop("non-finite gradient")
 
     def on_save_checkpoint(self, checkpoint):
         """The RNG states, so that a resumed run draws the same batches and latents as an

