@@ -45,16 +45,15 @@ class EpochMeans(Metric):
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:
     """Whether every value is finite, by GradScaler's fused check with a scale of 1 (which
-    changes nothing), run as it requires: once per device and dtype."""
+    changes nothing), run as it requires: once per device and dtype, one flag per device."""
     groups: dict[tuple, list[torch.Tensor]] = {}
     for t in tensors:
         groups.setdefault((t.device, t.dtype), []).append(t)
-    found = []
+    flags = {device: torch.zeros(1, device=device) for device, _ in groups}
     for (device, _), group in groups.items():
-        found.append(torch.zeros(1, device=device))
-        torch._amp_foreach_non_finite_check_and_unscale_(group, found[-1],
+        torch._amp_foreach_non_finite_check_and_unscale_(group, flags[device],
                                                          torch.ones(1, device=device))
-    return not any(f.item() for f in found)
+    return not any(flag.item() for flag in flags.values())
 
 
 class VAEModule(L.LightningModule):
