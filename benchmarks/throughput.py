@@ -14,6 +14,11 @@ negative ELBO each reaches after the same epochs.
 (784-200-200-50, tanh), IWAE bound with K=5, batch 20 (the paper's; `--iwae-batches 20 100` adds
 mnist_best's 100), dynamic binarization, fused Adam, as a plain eager loop and as vaelab's
 Lightning step, in ms per step over the same number of steps, taking turns (median of rounds).
+`--accelerator gpu` runs both on the GPU (the plain loop's images, indices and noise there too),
+and `--compile-modes default reduce-overhead` adds a row per torch.compile mode:
+
+    python benchmarks/throughput.py --models iwae20 --iwae-batches 20 100 --accelerator gpu \
+        --compile-modes default reduce-overhead
 """
 
 import argparse
@@ -113,7 +118,7 @@ IWAE_MODEL = {"_target_": "vaelab.models.MLPVAE", "hidden_dims": [200, 200],
               "activation": "tanh"}
 
 
-def iwae_module(compiled: bool) -> VAEModule:
+def iwae_module(compiled: str | None) -> VAEModule:
     module = VAEModule(model=IWAE_MODEL, likelihood={
         "_target_": "vaelab.likelihoods.BernoulliLikelihood"},
         objective={"_target_": "vaelab.objectives.IWAE", "mc_samples": 5},
@@ -121,7 +126,7 @@ def iwae_module(compiled: bool) -> VAEModule:
                    "fused": True},
         data_shape=[1, 28, 28], latent_dim=50)
     if compiled:
-        module.objective.compile()
+        module.objective.compile(**({} if compiled == "default" else {"mode": compiled}))
     return module
 
 
@@ -129,7 +134,7 @@ def plain_iwae_loss(vae, x, k=5):
     """The negative IWAE bound by hand, averaged over the batch."""
     mu, logvar = vae.encoder(x).chunk(2, dim=-1)
     std = (0.5 * logvar).exp()
-    eps = torch.randn(k, *mu.shape)
+    eps = torch.randn(k, *mu.shape, device=mu.device)
     z = mu + eps * std
     logits = vae.decoder(z.flatten(0, 1)).view(k, len(x), -1)
     log_px = -F.binary_cross_entropy_with_logits(logits, x.flatten(1).expand(k, -1, -1),
@@ -139,20 +144,28 @@ def plain_iwae_loss(vae, x, k=5):
     return -(torch.logsumexp(log_px + log_pz - log_qz, 0) - math.log(k)).mean()
 
 
+def clock(device: torch.device) -> float:
+    """The host's clock once the device has done all it was given."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def plain_iwae_steps(images: torch.Tensor, warmup: int, steps: int, batch: int = 20) -> float:
-    """ms per step of a plain eager loop: a shuffled slice, a Bernoulli draw, the loss, Adam."""
+    """ms per step of a plain eager loop: a shuffled slice, a Bernoulli draw, the loss, Adam
+    (all on the images' device)."""
     torch.manual_seed(0)
-    vae = iwae_module(compiled=False).vae
+    vae = iwae_module(compiled=None).vae.to(images.device)
     optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3, eps=1e-4, fused=True)
-    order = torch.randperm(len(images))
+    order = torch.randperm(len(images), device=images.device)
     for i in range(warmup + steps):
         if i == warmup:
-            start = time.perf_counter()
+            start = clock(images.device)
         x = torch.bernoulli(images[order[i * batch % len(images):][:batch]])
         optimizer.zero_grad(set_to_none=True)
         plain_iwae_loss(vae, x).backward()
         optimizer.step()
-    return (time.perf_counter() - start) / steps * 1000
+    return (clock(images.device) - start) / steps * 1000
 
 
 class StepTimer(L.Callback):
@@ -163,21 +176,22 @@ class StepTimer(L.Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if trainer.global_step == self.warmup:
-            self.start = time.perf_counter()
+            self.start = clock(module.device)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self.end = time.perf_counter()
+        if trainer.global_step == trainer.max_steps:
+            self.end = clock(module.device)
 
 
-def vaelab_iwae_steps(data_dir: str, warmup: int, steps: int, compiled: bool,
-                      batch: int = 20) -> float:
+def vaelab_iwae_steps(data_dir: str, warmup: int, steps: int, compiled: str | None,
+                      batch: int = 20, accelerator: str = "cpu") -> float:
     """ms per step of vaelab's training step in Lightning's loop (no validation, checkpoints,
     pictures or progress bar: those are the run's, not the step's)."""
     L.seed_everything(0, verbose=False)
     datamodule = MNISTDataModule(data_dir=data_dir, batch_size=batch, binarize="dynamic",
                                  val_size=1000)
     timer = StepTimer(warmup)
-    trainer = L.Trainer(accelerator="cpu", max_steps=warmup + steps, logger=False,
+    trainer = L.Trainer(accelerator=accelerator, max_steps=warmup + steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, callbacks=[timer],
                         log_every_n_steps=500)
@@ -185,23 +199,26 @@ def vaelab_iwae_steps(data_dir: str, warmup: int, steps: int, compiled: bool,
     return (timer.end - timer.start) / steps * 1000
 
 
-def iwae_row(data_dir: str, steps: int, batch: int, rounds: int) -> None:
+def iwae_row(data_dir: str, steps: int, batch: int, rounds: int, accelerator: str,
+             compile_modes: list[str]) -> None:
     """Plain and vaelab take turns, `rounds` times: this machine's speed drifts by 10-20%
     between minutes, so the median of interleaved rounds compares like with like."""
     datamodule = MNISTDataModule(data_dir=data_dir, batch_size=20, val_size=1000)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    images = torch.cat([x for x, _ in datamodule.train_dataloader()]).float()
+    device = torch.device("cuda" if accelerator == "gpu" else "cpu")
+    images = torch.cat([x for x, _ in datamodule.train_dataloader()]).float().to(device)
     warmup = 200
-    runs: dict[str, list[float]] = {"plain eager loop": [], "vaelab (eager)": [],
-                                    "vaelab compile=true": []}
+    variants = {"vaelab (eager)": None} | {
+        f"vaelab compile={'true' if mode == 'default' else mode}": mode for mode in compile_modes}
+    runs: dict[str, list[float]] = {"plain eager loop": []} | {label: [] for label in variants}
     for _ in range(rounds):
         runs["plain eager loop"].append(plain_iwae_steps(images, warmup, steps, batch))
-        for compiled in (False, True):
-            label = "vaelab compile=true" if compiled else "vaelab (eager)"
-            runs[label].append(vaelab_iwae_steps(data_dir, warmup, steps, compiled, batch))
-    print(f"iwae (784-200-200-50, K=5, batch {batch}), {steps} steps after {warmup}, median of "
-          f"{rounds} interleaved rounds:")
+        for label, mode in variants.items():
+            runs[label].append(vaelab_iwae_steps(data_dir, warmup, steps, mode, batch,
+                                                 accelerator))
+    print(f"iwae (784-200-200-50, K=5, batch {batch}) on {device.type}, {steps} steps after "
+          f"{warmup}, median of {rounds} interleaved rounds:")
     plain = statistics.median(runs["plain eager loop"])
     for label, times in runs.items():
         ours = statistics.median(times)
@@ -228,6 +245,10 @@ def main():
     parser.add_argument("--steps", type=int, default=1000, help="for iwae20, per round")
     parser.add_argument("--rounds", type=int, default=3, help="for iwae20")
     parser.add_argument("--iwae-batches", type=int, nargs="+", default=[20], help="for iwae20")
+    parser.add_argument("--compile-modes", nargs="*", default=["default"],
+                        help="for iwae20: torch.compile modes to time (e.g. reduce-overhead)")
+    parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu",
+                        help="for iwae20")
     parser.add_argument("--settings", nargs="+", default=["32-true", "bf16-mixed+compile"],
                         help="vaelab's trainer.precision, each optionally with +compile")
     parser.add_argument("--threads", type=int, default=None)
@@ -242,7 +263,8 @@ def main():
     for name in args.models:
         if name == "iwae20":
             for batch in args.iwae_batches:
-                iwae_row(args.data_dir, args.steps, batch, args.rounds)
+                iwae_row(args.data_dir, args.steps, batch, args.rounds, args.accelerator,
+                         args.compile_modes)
             continue
         print(f"{name}:")
         times, n, test = plain_loop(name, args.data_dir, args.epochs)

@@ -69,6 +69,18 @@ def test_best_mnist_experiment_anneals_over_its_budget(compose_train):
     assert [schedule.factor(p) for p in (0.01, 0.02, 1.0)] == pytest.approx([0.5, 1.0, 0.05])
 
 
+def test_gpu_recipe_is_mnist_best_at_batch_1000_with_cuda_graphs(compose_train):
+    gpu, cpu = (compose_train(f"experiment={name}", tiny=False)
+                for name in ("mnist_gpu", "mnist_best"))
+    assert (gpu.trainer.accelerator, gpu.compile) == ("gpu", "reduce-overhead")
+    assert (gpu.data.batch_size, gpu.lr) == (1000, 4e-3)
+    for key in ("model", "objective", "likelihood", "latent_dim", "mc_samples"):
+        assert gpu[key] == cpu[key], key
+    assert {**gpu.optimizer, "lr": 4e-3} == {**cpu.optimizer, "lr": 4e-3}
+    assert gpu.callbacks.lr_budget == cpu.callbacks.lr_budget
+    assert gpu.data.binarize == cpu.data.binarize == "dynamic"
+
+
 def test_image_folders_default_to_the_conv_net_with_batch_norm(compose_train, image_dir):
     """The Keras conv (dense 16, no norm) at batch 64 made grey blobs of 300 emoji in 30 epochs."""
     cfg = compose_train("data=image_folder", f"data.path={image_dir}", tiny=False)

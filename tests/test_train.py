@@ -135,13 +135,37 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns_once(compose_train, monke
     assert not caplog.text
 
 
-@pytest.mark.parametrize("capability, reason", [("AVX2", "43 s against 7 s"),
-                                                ("AVX512", "22 to 28 s to compile")])
+@pytest.mark.parametrize("capability, setting, reasons", [
+    ("AVX2", "true", ["43 s against 7 s"]),
+    ("AVX512", "true", ["22 to 28 s to compile"]),
+    ("AVX512", "reduce-overhead", ["CUDA graphs need a GPU", "22 to 28 s to compile"])])
 def test_compile_on_the_cpu_warns_with_what_it_measured_on_such_a_cpu(
-        compose_train, monkeypatch, caplog, capability, reason):
+        compose_train, monkeypatch, caplog, capability, setting, reasons):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    warn_slow_switches(compose_train(CPU, "compile=true"))
-    assert caplog.text.count("compile=true") == 1 and reason in caplog.text
+    warn_slow_switches(compose_train(CPU, f"compile={setting}"))
+    assert caplog.text.count(f"compile={setting}") == 1
+    assert all(reason in caplog.text for reason in reasons) and len(caplog.records) == 1
+
+
+@pytest.mark.parametrize("setting, mode", [(False, "not compiled"), (True, None),
+                                           ("reduce-overhead", "reduce-overhead")])
+def test_compile_setting_reaches_torch_compile_as_its_mode(compose_train, monkeypatch, setting,
+                                                          mode):
+    from hydra.utils import instantiate
+
+    from vaelab.cli.train import build_module, compile_objective
+
+    cfg = compose_train(CPU)
+    module = build_module(cfg, instantiate(cfg.data))
+    seen = {"mode": "not compiled"}
+
+    def fake_compile(fn, mode=None, **_):
+        seen["mode"] = mode
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    compile_objective(module, setting)
+    assert seen["mode"] == mode
 
 
 BUDGET = "callbacks.lr_budget={_target_:vaelab.schedules.BudgetSchedule,warmup:0.25,final:0.1}"

@@ -139,8 +139,9 @@ class Train(Section):
     lr: Positive
     seed: int
     pictures_every_n_epochs: Count
-    compile: bool
+    compile: bool | Literal["reduce-overhead", "max-autotune"]
     flush_denormal: bool = True
+    matmul_precision: Literal["highest", "high", "medium"] = "highest"
     test: bool
     model: Model
     likelihood: Likelihood

@@ -1,6 +1,7 @@
 """Thin Hydra entry points, and the resolvers their configs use."""
 
 import functools
+import logging
 import os
 import sys
 import warnings
@@ -17,6 +18,12 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 # metrics are epoch means, logged whatever log_every_n_steps is.
 warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than "
                         r"the logging interval")
+# Worker processes would only copy slices of splits already in memory (on a GPU, on the device).
+warnings.filterwarnings("ignore", message=r".*does not have many workers")
+# TF32 hints from Lightning and inductor: `matmul_precision` (conf/train.yaml) is that choice.
+warnings.filterwarnings("ignore", message=r"TensorFloat32 tensor cores for float32")
+logging.getLogger("lightning.fabric.utilities.rank_zero").addFilter(
+    lambda record: "that has Tensor Cores" not in record.getMessage())
 
 
 def config_dir() -> str:

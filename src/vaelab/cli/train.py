@@ -103,12 +103,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Check the config and any checkpoint to resume, build the parts, then fit and test."""
     schema.validate(cfg, schema.Train)
     torch.set_flush_denormal(cfg.get("flush_denormal", True))
+    torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     module = build_module(cfg, datamodule)
-    if cfg.get("compile"):
-        module.objective.compile()  # the nets are untouched: checkpoints keep their names
+    compile_objective(module, cfg.get("compile"))
     ckpt_path = resume_checkpoint(cfg.get("resume"), cfg.get("ckpt_path"))
     resume_step = None
     if ckpt_path:  # refuse a wrong or unsafe checkpoint before any training
@@ -211,6 +211,13 @@ def check_accelerator(trainer: DictConfig) -> None:
                        f"there is), or use trainer=ddp_cpu for several CPU processes.")
 
 
+def compile_objective(module: VAEModule, setting: bool | str | None) -> None:
+    """compile=true: torch.compile's default mode; a name is the mode (reduce-overhead: CUDA
+    graphs). Only the objective is compiled: the nets keep their names in checkpoints."""
+    if setting:
+        module.objective.compile(mode=None if setting is True else setting)
+
+
 def cache_cuda_probe() -> None:
     """Lightning makes torch ask NVML whether there is a GPU (it cannot poison a later fork),
     and torch does not cache that answer before CUDA starts: Adam's step asks it every step,
@@ -243,7 +250,9 @@ def warn_slow_switches(cfg: DictConfig) -> None:
             why = ("on the CPU it saved 0 to 3% a step on vaelab's nets (MLP, mnist_best) and "
                    "took 22 to 28 s to compile from a cold cache (2 to 3 s warm), so it pays, "
                    "if at all, only in long runs")
-        log.warning("compile=true: %s (README \"Speed\").", why)
+        if cfg.compile == "reduce-overhead":
+            why = f"CUDA graphs need a GPU, so it compiles as compile=true does; {why}"
+        log.warning("compile=%s: %s (README \"Speed\").", str(cfg.compile).lower(), why)
 
 
 def refuse_finished(checkpoint: dict[str, Any], trainer: DictConfig, run: Path) -> None:
