@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from vaelab.cli.train import cache_cuda_probe
+from vaelab.cli.train import cache_cuda_probe, compile_objective
 from vaelab.data import MNISTDataModule
 from vaelab.module import VAEModule
 
@@ -43,14 +43,13 @@ MODELS = {
 LATENTS = {"mlp": 20, "conv": 2}
 
 
-def build(name: str, compile_objective: bool, **model) -> VAEModule:
+def build(name: str, compiled: bool, **model) -> VAEModule:
     module = VAEModule(model=MODELS[name] | model, likelihood={
         "_target_": "vaelab.likelihoods.BernoulliLikelihood"},
         objective={"_target_": "vaelab.objectives.ELBO"},
         optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3, "fused": True},
         data_shape=[1, 28, 28], latent_dim=LATENTS[name])
-    if compile_objective:
-        module.objective.compile()
+    compile_objective(module, compiled)
     return module
 
 
@@ -68,7 +67,7 @@ def plain_loop(name, data_dir, epochs):
     pytorch/examples runs."""
     torch.manual_seed(0)
     plain_memory_format = {"channels_last": False} if name == "conv" else {}
-    vae = build(name, compile_objective=False, **plain_memory_format).vae
+    vae = build(name, compiled=False, **plain_memory_format).vae
     train = datasets.MNIST(data_dir, train=True, transform=transforms.ToTensor())
     loader = DataLoader(train, batch_size=128, shuffle=True)
     optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
@@ -108,7 +107,7 @@ def vaelab_loop(name, data_dir, epochs, setting):
     trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, precision=precision,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, callbacks=[timer])
-    module = build(name, compile_objective=bool(compiled))
+    module = build(name, compiled=bool(compiled))
     trainer.fit(module, datamodule=datamodule)
     test = trainer.test(module, datamodule=datamodule, verbose=False)[0].get("test/nelbo")
     return timer.times, len(datamodule.train_set), test
@@ -125,8 +124,7 @@ def iwae_module(compiled: str | None) -> VAEModule:
         optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3, "eps": 1e-4,
                    "fused": True},
         data_shape=[1, 28, 28], latent_dim=50)
-    if compiled:
-        module.objective.compile(**({} if compiled == "default" else {"mode": compiled}))
+    compile_objective(module, compiled)  # a torch.compile mode: default, reduce-overhead, ...
     return module
 
 
