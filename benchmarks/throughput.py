@@ -11,9 +11,12 @@ negative ELBO each reaches after the same epochs.
     python benchmarks/throughput.py --models mlp --epochs 3 --settings 32-true bf16-mixed
 
 `--models iwae20` is the likelihood benchmark's step instead: experiment=mnist_best's net
-(784-200-200-50, tanh), IWAE bound with K=5, batch 20 (the paper's; `--iwae-batches 20 100` adds
-mnist_best's 100), dynamic binarization, fused Adam, as a plain eager loop and as vaelab's
-Lightning step, in ms per step over the same number of steps, taking turns (median of rounds).
+(784-200-200-50, tanh), IWAE bound with K=5, at batch 20 (the paper's) and 100 (mnist_best's;
+`--iwae-batches` picks), dynamic binarization, fused Adam, in ms per step over the same number
+of steps, taking turns (median of rounds): a plain eager loop, the plain loop's loss as a bare
+LightningModule (the floor that Lightning's own loop sets), and vaelab's Lightning step.
+Both loops flush denormal floats to zero, as vaelab's runs do by default (`--keep-denormals`:
+neither does).
 `--accelerator gpu` runs both on the GPU (the plain loop's images, indices and noise there too),
 and `--compile-modes default reduce-overhead` adds a row per torch.compile mode:
 
@@ -25,6 +28,8 @@ import argparse
 import math
 import statistics
 import time
+import warnings
+from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -181,10 +186,29 @@ class StepTimer(L.Callback):
             self.end = clock(module.device)
 
 
-def vaelab_iwae_steps(data_dir: str, warmup: int, steps: int, compiled: str | None,
-                      batch: int = 20, accelerator: str = "cpu") -> float:
-    """ms per step of vaelab's training step in Lightning's loop (no validation, checkpoints,
-    pictures or progress bar: those are the run's, not the step's)."""
+# the floor module has no validation_step, and the benchmark limits validation to 0 batches
+warnings.filterwarnings("ignore", message="You passed in a `val_dataloader` but have no")
+
+
+class PlainStepModule(L.LightningModule):
+    """The plain loop's loss and optimizer as a bare LightningModule: what Lightning's own loop
+    costs, without anything vaelab adds (objective, epoch means, finite checks, logging)."""
+
+    def __init__(self):
+        super().__init__()
+        self.vae = iwae_module(compiled=None).vae
+
+    def training_step(self, batch, batch_idx):
+        return plain_iwae_loss(self.vae, batch[0])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.vae.parameters(), lr=1e-3, eps=1e-4, fused=True)
+
+
+def lightning_iwae_steps(module: L.LightningModule, data_dir: str, warmup: int, steps: int,
+                         batch: int = 20, accelerator: str = "cpu") -> float:
+    """ms per step of `module`'s training step in Lightning's loop, on vaelab's MNIST (no
+    validation, checkpoints, pictures or progress bar: those are the run's, not the step's)."""
     L.seed_everything(0, verbose=False)
     datamodule = MNISTDataModule(data_dir=data_dir, batch_size=batch, binarize="dynamic",
                                  val_size=1000)
@@ -193,36 +217,42 @@ def vaelab_iwae_steps(data_dir: str, warmup: int, steps: int, compiled: str | No
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, callbacks=[timer],
                         log_every_n_steps=500)
-    trainer.fit(iwae_module(compiled), datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule)
     return (timer.end - timer.start) / steps * 1000
 
 
 def iwae_row(data_dir: str, steps: int, batch: int, rounds: int, accelerator: str,
              compile_modes: list[str]) -> None:
-    """Plain and vaelab take turns, `rounds` times: this machine's speed drifts by 10-20%
-    between minutes, so the median of interleaved rounds compares like with like."""
+    """All rows take turns, `rounds` times: this machine's speed drifts by 10-20% between
+    minutes, so the median of interleaved rounds compares like with like."""
     datamodule = MNISTDataModule(data_dir=data_dir, batch_size=20, val_size=1000)
     datamodule.prepare_data()
     datamodule.setup("fit")
     device = torch.device("cuda" if accelerator == "gpu" else "cpu")
     images = torch.cat([x for x, _ in datamodule.train_dataloader()]).float().to(device)
     warmup = 200
-    variants = {"vaelab (eager)": None} | {
-        f"vaelab compile={'true' if mode == 'default' else mode}": mode for mode in compile_modes}
-    runs: dict[str, list[float]] = {"plain eager loop": []} | {label: [] for label in variants}
+
+    def in_lightning(module: Callable[[], L.LightningModule]) -> Callable[[], float]:
+        return lambda: lightning_iwae_steps(module(), data_dir, warmup, steps, batch,
+                                            accelerator)
+
+    rows = {"plain eager loop": lambda: plain_iwae_steps(images, warmup, steps, batch),
+            "Lightning floor (plain loss)": in_lightning(PlainStepModule),
+            "vaelab (eager)": in_lightning(lambda: iwae_module(None))} | {
+        f"vaelab compile={'true' if mode == 'default' else mode}":
+            in_lightning(lambda mode=mode: iwae_module(mode)) for mode in compile_modes}
+    runs: dict[str, list[float]] = {label: [] for label in rows}
     for _ in range(rounds):
-        runs["plain eager loop"].append(plain_iwae_steps(images, warmup, steps, batch))
-        for label, mode in variants.items():
-            runs[label].append(vaelab_iwae_steps(data_dir, warmup, steps, mode, batch,
-                                                 accelerator))
+        for label, run in rows.items():
+            runs[label].append(run())
     print(f"iwae (784-200-200-50, K=5, batch {batch}) on {device.type}, {steps} steps after "
           f"{warmup}, median of {rounds} interleaved rounds:")
     plain = statistics.median(runs["plain eager loop"])
     for label, times in runs.items():
         ours = statistics.median(times)
         each = " ".join(f"{t:.2f}" for t in times)
-        ratio = "" if times is runs["plain eager loop"] else \
-            f"  ratio {ours / plain:.2f} (target <= 1.15)"
+        ratio = "" if times is runs["plain eager loop"] else f"  ratio {ours / plain:.2f}" + \
+            ("" if label.startswith("Lightning") else " (target <= 1.15)")
         print(f"  {label:<30} {ours:6.2f} ms/step{ratio}   rounds: {each}")
 
 
@@ -242,7 +272,8 @@ def main():
                         choices=[*MODELS, "iwae20"])
     parser.add_argument("--steps", type=int, default=1000, help="for iwae20, per round")
     parser.add_argument("--rounds", type=int, default=3, help="for iwae20")
-    parser.add_argument("--iwae-batches", type=int, nargs="+", default=[20], help="for iwae20")
+    parser.add_argument("--iwae-batches", type=int, nargs="+", default=[20, 100],
+                        help="for iwae20: the paper's batch and mnist_best's")
     parser.add_argument("--compile-modes", nargs="*", default=["default"],
                         help="for iwae20: torch.compile modes to time (e.g. reduce-overhead)")
     parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu",
@@ -250,13 +281,19 @@ def main():
     parser.add_argument("--settings", nargs="+", default=["32-true", "bf16-mixed+compile"],
                         help="vaelab's trainer.precision, each optionally with +compile")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--keep-denormals", action="store_true",
+                        help="both loops keep denormal floats (train.py's flush_denormal=false)")
     args = parser.parse_args()
+    # As train.py does (flush_denormal=true), before the first parallel op starts the threads
+    # that inherit it; for both loops, so that they differ only in the loop.
+    torch.set_flush_denormal(not args.keep_denormals)
     # What `python train.py` does: importing Lightning made torch probe NVML at every Adam
     # step (a plain script that never imports Lightning does not pay that either).
     cache_cuda_probe()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.epochs} epochs "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, denormals "
+          f"{'kept' if args.keep_denormals else 'flushed'}, {args.epochs} epochs "
           f"(s/epoch: median after the first, per 60k images)")
     for name in args.models:
         if name == "iwae20":
