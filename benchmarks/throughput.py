@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from vaelab.cli.train import cache_cuda_probe, compile_objective
+from vaelab.cli.train import NoProfiler, cache_cuda_probe, compile_objective
 from vaelab.data import MNISTDataModule
 from vaelab.module import VAEModule
 
@@ -111,7 +111,8 @@ def vaelab_loop(name, data_dir, epochs, setting):
     timer = EpochTimer()
     trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, precision=precision,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, callbacks=[timer])
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[timer],
+                        profiler=NoProfiler())
     module = build(name, compiled=bool(compiled))
     trainer.fit(module, datamodule=datamodule)
     test = trainer.test(module, datamodule=datamodule, verbose=False)[0].get("test/nelbo")
@@ -208,7 +209,9 @@ class PlainStepModule(L.LightningModule):
 def lightning_iwae_steps(module: L.LightningModule, data_dir: str, warmup: int, steps: int,
                          batch: int = 20, accelerator: str = "cpu") -> float:
     """ms per step of `module`'s training step in Lightning's loop, on vaelab's MNIST (no
-    validation, checkpoints, pictures or progress bar: those are the run's, not the step's)."""
+    validation, checkpoints, pictures or progress bar: those are the run's, not the step's).
+    A VAEModule gets the profiler that train.py gives it; the floor gets Lightning's."""
+    vaelab = {"profiler": NoProfiler()} if isinstance(module, VAEModule) else {}
     L.seed_everything(0, verbose=False)
     datamodule = MNISTDataModule(data_dir=data_dir, batch_size=batch, binarize="dynamic",
                                  val_size=1000)
@@ -216,7 +219,7 @@ def lightning_iwae_steps(module: L.LightningModule, data_dir: str, warmup: int, 
     trainer = L.Trainer(accelerator=accelerator, max_steps=warmup + steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, callbacks=[timer],
-                        log_every_n_steps=500)
+                        log_every_n_steps=500, **vaelab)
     trainer.fit(module, datamodule=datamodule)
     return (timer.end - timer.start) / steps * 1000
 

@@ -206,3 +206,26 @@ def test_the_cuda_probe_is_asked_once_on_a_machine_without_a_gpu(monkeypatch):
     no_gpu = torch.cuda.device_count() == 0
     assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == ("0" if no_gpu else "1")
     assert torch.cuda.is_available() is not no_gpu
+
+
+class RecordTrainer(L.Callback):
+    """Keeps what the run's trainer used for profiling and for its progress bar."""
+
+    seen: list = []
+
+    def on_train_start(self, trainer, module):
+        RecordTrainer.seen.append((trainer.profiler, trainer.progress_bar_callback))
+
+
+@pytest.mark.parametrize("debug, profiler", [(None, "NoProfiler"), ("profiler", "SimpleProfiler")])
+def test_the_run_profiles_only_when_asked_and_redraws_its_bar_ten_times_a_second(
+        compose_train, debug, profiler):
+    """Lightning's per-hook profiler contexts and its 100-a-second bar cost a step time."""
+    RecordTrainer.seen.clear()
+    cfg = compose_train(CPU, "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
+                        *([f"debug={debug}"] if debug else []),
+                        "+callbacks.record._target_=tests.test_train.RecordTrainer")
+    train(cfg)
+    (used, bar), = RecordTrainer.seen
+    assert type(used).__name__ == profiler
+    assert type(bar).__name__ == "RichProgressBar" and bar.refresh_rate == 10
