@@ -126,6 +126,8 @@ def test_subnormal_floats_are_flushed_to_zero_on_request(compose_train, flush):
 @pytest.mark.parametrize("native, warned", [(True, False), (False, True)])
 def test_bf16_on_a_cpu_without_bf16_instructions_warns_once(compose_train, monkeypatch, caplog,
                                                             native, warned):
+    monkeypatch.setattr("vaelab.cli.train.matmul_gflops",
+                        lambda dtype: 500.0 if dtype == torch.bfloat16 else 200.0)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     warn_slow_switches(compose_train(CPU, "trainer.precision=bf16-mixed"))
@@ -133,6 +135,24 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns_once(compose_train, monke
     caplog.clear()
     warn_slow_switches(compose_train(CPU))  # float32, eager: never a warning
     assert not caplog.text
+
+
+@pytest.mark.parametrize("bf16, warned", [(146.0, True), (530.0, False)])
+def test_bf16_warns_where_its_matmul_measures_slower_than_float32(compose_train, monkeypatch,
+                                                                  caplog, bf16, warned):
+    """CPU flags alone are not enough: one PyTorch release ran bf16 slower on a bf16 CPU."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr("vaelab.cli.train.matmul_gflops",
+                        lambda dtype: bf16 if dtype == torch.bfloat16 else 245.0)
+    warn_slow_switches(compose_train(CPU, "trainer.precision=bf16-mixed"))
+    assert caplog.text.count("146 GFLOP/s here against 245 in float32") == int(warned)
+    assert len(caplog.records) == int(warned)
+
+
+def test_matmul_gflops_measures_this_cpu():
+    from vaelab.cli.train import matmul_gflops
+
+    assert matmul_gflops(torch.float32, repeats=20) > 1.0
 
 
 @pytest.mark.parametrize("capability, setting, reasons", [
