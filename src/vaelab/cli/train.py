@@ -279,7 +279,7 @@ def warn_slow_switches(cfg: DictConfig) -> None:
 
 
 def matmul_gflops(dtype: torch.dtype, repeats: int = 200) -> float:
-    """GFLOP/s of an MLP layer's matmul (128x784 by 784x400) on this CPU, in about 0.05 s.
+    """GFLOP/s of an MLP layer's matmul (128x784 by 784x400) on this CPU, in about 0.1 s.
     Whether bfloat16 pays is a measurement, not a CPU flag: with AVX512-BF16 one PyTorch
     release ran it at 530 GFLOP/s against 172 in float32, a later one at 146 against 245."""
     a, b = torch.full((128, 784), 0.5, dtype=dtype), torch.full((784, 400), 0.25, dtype=dtype)
