@@ -54,7 +54,7 @@ def build(name: str, compiled: bool, **model) -> VAEModule:
         objective={"_target_": "vaelab.objectives.ELBO"},
         optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3, "fused": True},
         data_shape=[1, 28, 28], latent_dim=LATENTS[name])
-    compile_objective(module, compiled)
+    compile_objective(module, compiled, on_cpu=True)
     return module
 
 
@@ -123,14 +123,15 @@ IWAE_MODEL = {"_target_": "vaelab.models.MLPVAE", "hidden_dims": [200, 200],
               "activation": "tanh"}
 
 
-def iwae_module(compiled: str | None) -> VAEModule:
+def iwae_module(compiled: str | None, on_cpu: bool = True) -> VAEModule:
     module = VAEModule(model=IWAE_MODEL, likelihood={
         "_target_": "vaelab.likelihoods.BernoulliLikelihood"},
         objective={"_target_": "vaelab.objectives.IWAE", "mc_samples": 5},
         optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3, "eps": 1e-4,
                    "fused": True},
         data_shape=[1, 28, 28], latent_dim=50)
-    compile_objective(module, compiled)  # a torch.compile mode: default, reduce-overhead, ...
+    # a torch.compile mode: default, reduce-overhead, ...
+    compile_objective(module, compiled, on_cpu)
     return module
 
 
@@ -235,6 +236,8 @@ def iwae_row(data_dir: str, steps: int, batch: int, rounds: int, accelerator: st
     images = torch.cat([x for x, _ in datamodule.train_dataloader()]).float().to(device)
     warmup = 200
 
+    on_cpu = accelerator == "cpu"
+
     def in_lightning(module: Callable[[], L.LightningModule]) -> Callable[[], float]:
         return lambda: lightning_iwae_steps(module(), data_dir, warmup, steps, batch,
                                             accelerator)
@@ -243,7 +246,7 @@ def iwae_row(data_dir: str, steps: int, batch: int, rounds: int, accelerator: st
             "Lightning floor (plain loss)": in_lightning(PlainStepModule),
             "vaelab (eager)": in_lightning(lambda: iwae_module(None))} | {
         f"vaelab compile={'true' if mode == 'default' else mode}":
-            in_lightning(lambda mode=mode: iwae_module(mode)) for mode in compile_modes}
+            in_lightning(lambda mode=mode: iwae_module(mode, on_cpu)) for mode in compile_modes}
     runs: dict[str, list[float]] = {label: [] for label in rows}
     for _ in range(rounds):
         for label, run in rows.items():

@@ -157,35 +157,77 @@ def test_matmul_gflops_measures_this_cpu():
 
 @pytest.mark.parametrize("capability, setting, reasons", [
     ("AVX2", "true", ["43 s against 7 s"]),
-    ("AVX512", "true", ["22 to 28 s to compile"]),
-    ("AVX512", "reduce-overhead", ["CUDA graphs need a GPU", "22 to 28 s to compile"])])
+    ("AVX2", "reduce-overhead", ["CUDA graphs need a GPU", "43 s against 7 s"]),
+    ("AVX512", "true", []),  # measured faster there: nothing to warn about
+    ("AVX512", "reduce-overhead", ["CUDA graphs need a GPU"])])
 def test_compile_on_the_cpu_warns_with_what_it_measured_on_such_a_cpu(
         compose_train, monkeypatch, caplog, capability, setting, reasons):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     warn_slow_switches(compose_train(CPU, f"compile={setting}"))
-    assert caplog.text.count(f"compile={setting}") == 1
-    assert all(reason in caplog.text for reason in reasons) and len(caplog.records) == 1
+    assert len(caplog.records) == int(bool(reasons))
+    assert all(reason in caplog.text for reason in reasons)
 
 
-@pytest.mark.parametrize("setting, mode", [(False, "not compiled"), (True, None),
-                                           ("reduce-overhead", "reduce-overhead")])
-def test_compile_setting_reaches_torch_compile_as_its_mode(compose_train, monkeypatch, setting,
-                                                          mode):
+@pytest.mark.parametrize("capability, compiled", [("AVX512", True), ("AVX2", False)])
+def test_compile_auto_compiles_only_where_it_measured_faster(compose_train, monkeypatch, caplog,
+                                                             capability, compiled):
+    from vaelab.cli.train import compile_setting
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    cfg = compose_train(CPU, "compile=auto")
+    assert compile_setting(cfg) is compiled
+    caplog.set_level("INFO")
+    warn_slow_switches(cfg)
+    assert ("compile=auto: off" in caplog.text) is not compiled
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+@pytest.mark.parametrize("setting, on_cpu, mode, options", [
+    (False, True, "not compiled", None),
+    (True, False, None, None),
+    ("reduce-overhead", False, "reduce-overhead", None),
+    # on the CPU: inductor draws noise with torch's generator; CUDA graphs are left out
+    (True, True, None, {"fallback_random": True}),
+    ("reduce-overhead", True, None, {"fallback_random": True}),
+    ("max-autotune", True, None, {"max_autotune": True, "coordinate_descent_tuning": True,
+                                  "fallback_random": True})])
+def test_compile_setting_reaches_torch_compile(compose_train, monkeypatch, setting, on_cpu, mode,
+                                               options):
     from hydra.utils import instantiate
 
     from vaelab.cli.train import build_module, compile_objective
 
     cfg = compose_train(CPU)
     module = build_module(cfg, instantiate(cfg.data))
-    seen = {"mode": "not compiled"}
+    seen = {"mode": "not compiled", "options": None}
 
-    def fake_compile(fn, mode=None, **_):
-        seen["mode"] = mode
+    def fake_compile(fn, mode=None, options=None, **_):
+        seen.update(mode=mode, options=options)
         return fn
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    compile_objective(module, setting)
-    assert seen["mode"] == mode
+    compile_objective(module, setting, on_cpu)
+    assert seen == {"mode": mode, "options": options}
+
+
+def test_compiled_objective_on_the_cpu_draws_the_eager_noise(compose_train):
+    """fallback_random: the compiled step draws its latents from torch's generator, so a seeded
+    compiled run sees the same noise as an eager one (inductor's own kernel drew other numbers,
+    and took 1.2 ms of a 4.8 ms batch-100 IWAE step)."""
+    from hydra.utils import instantiate
+
+    from vaelab.cli.train import build_module, compile_objective
+
+    cfg = compose_train(CPU, "objective=iwae", "mc_samples=3")
+    module = build_module(cfg, instantiate(cfg.data))
+    x = torch.rand(4, *module.vae.data_shape)
+    torch.manual_seed(1)
+    eager = module.objective(module.vae, x)
+    compile_objective(module, True, on_cpu=True)
+    torch.manual_seed(1)
+    compiled = module.objective(module.vae, x)
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-5, atol=1e-5)
 
 
 BUDGET = "callbacks.lr_budget={_target_:vaelab.schedules.BudgetSchedule,warmup:0.25,final:0.1}"

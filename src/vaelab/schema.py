@@ -139,7 +139,7 @@ class Train(Section):
     lr: Positive
     seed: int
     pictures_every_n_epochs: Count
-    compile: bool | Literal["reduce-overhead", "max-autotune"]
+    compile: bool | Literal["auto", "reduce-overhead", "max-autotune"]
     flush_denormal: bool = True
     matmul_precision: Literal["highest", "high", "medium"] = "highest"
     test: bool
