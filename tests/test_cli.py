@@ -42,6 +42,20 @@ def test_train_conv_latent_2_as_written(data_dir, tmp_path):
     assert ckpt["hyper_parameters"]["model"]["_target_"] == "vaelab.models.ConvVAE"
 
 
+def test_compiling_for_the_cpu_does_not_warn_about_a_missing_cuda_runtime():
+    import logging
+
+    import vaelab.cli  # noqa: F401  (its import sets the console's filters)
+
+    def passes(message):
+        record = logging.LogRecord("torch.utils.cpp_extension", logging.WARNING, __file__, 0,
+                                   message, ("/usr/local",), None)
+        return bool(logging.getLogger("torch.utils.cpp_extension").filter(record))
+
+    assert not passes("No CUDA runtime is found, using CUDA_HOME='%s'")
+    assert passes("Error building extension '%s'")  # other warnings still reach the console
+
+
 def test_console_script_and_default_output_dir(data_dir, tmp_path):
     """The installed `vaelab-train` from another directory: outputs land under ./outputs there."""
     script = shutil.which("vaelab-train", path=os.path.dirname(sys.executable))
