@@ -107,3 +107,23 @@ def test_trainer_gpu_without_a_gpu_says_so(data_dir, tmp_path):
     assert "no GPU was found" in console and "trainer=ddp_cpu" in console
     assert "Traceback" not in console and "MisconfigurationException" not in console
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(("script", "args"), [
+    ("train", ["--help"]), ("train", ["--cfg", "job"]), ("train", ["--info"]),
+    ("train", ["latent_dim=0"]), ("eval", ["--help"]), ("eval", ["nll_samples=0"]),
+    ("generate", ["--help"]), ("generate", ["samples.n=0"]), ("summarize", ["--help"])])
+def test_the_command_line_answers_without_importing_torch(script, args, tmp_path):
+    """--help, --cfg, --info and a bad value must not wait for torch and Lightning to load."""
+    code = ("import atexit, sys\n"
+            "atexit.register(lambda: print('HEAVY', [m for m in ('torch', 'lightning', "
+            "'matplotlib') if m in sys.modules]))\n"
+            f"from vaelab.cli.{script} import main\n"
+            "main()\n")
+    result = subprocess.run([sys.executable, "-c", code, f"hydra.run.dir={tmp_path}", *args],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "HEAVY []" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+    if "=" in args[0]:  # a bad value: one message naming the key, exit status 1
+        assert result.returncode == 1 and args[0].split("=")[0] in result.stderr
+    else:
+        assert result.returncode == 0 and result.stdout.strip()

@@ -7,7 +7,7 @@ from hydra.utils import instantiate
 
 from vaelab import loggers
 from vaelab.cli import config_dir
-from vaelab.cli.train import build_module
+from vaelab.training import build_module
 
 CONF = Path(config_dir())
 GROUPS = ["data", "model", "likelihood", "objective", "trainer", "logger", "callbacks", "debug",

@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from vaelab import scores, sweeps
 from vaelab.cli import config_dir
-from vaelab.cli.train import train
+from vaelab.training import train
 
 # a narrow net and a few steps: the point is the plumbing, not the numbers
 DSPRITES = ["experiment=dsprites_bvae", "data.source=generated", "model.hidden_dims=[64]",

@@ -15,8 +15,8 @@ from tests.conftest import N_TEST, ROOT
 from tests.test_objectives import LinearGaussian
 from tests.test_pictures import linear_vae
 from vaelab import evaluation
-from vaelab.cli.train import train
 from vaelab.objectives import ELBO, IWAE
+from vaelab.training import train
 
 
 def test_importance_sampled_nll_converges_to_the_exact_log_likelihood():

@@ -25,13 +25,13 @@ from vaelab import evaluation, pictures
 from vaelab.cli import config_dir
 from vaelab.cli.eval import evaluate
 from vaelab.cli.generate import generate
-from vaelab.cli.train import train
 from vaelab.likelihoods import BernoulliLikelihood, GaussianLikelihood
 from vaelab.models import MLPVAE, HierarchicalVAE, VampPrior
 from vaelab.models.priors import DiagonalGaussianMixture
 from vaelab.models.vae import VAE
 from vaelab.objectives import ELBO, IWAE
 from vaelab.schema import PICTURES
+from vaelab.training import train
 
 CPU = "trainer.accelerator=cpu"
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from vaelab.cli.train import train
 from vaelab.data import ImageFolderDataModule
 from vaelab.data.image_folder import stable_split
 from vaelab.likelihoods import GaussianLikelihood
 from vaelab.models import ConvVAE
 from vaelab.models.conv import stages_for
+from vaelab.training import train
 
 
 def save(path, array, mode=None, **kwargs):

@@ -1,26 +1,32 @@
 """MLflow and W&B beside TensorBoard: read back with their own tools, not through vaelab."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 
 from vaelab import loggers
-from vaelab.cli.train import train
+from vaelab.training import train
 
 CPU = "trainer.accelerator=cpu"
 PICTURES = ("reconstructions", "samples", "manifold", "latent_scatter", "interpolations")
 
 
-def test_mlflow_run_holds_params_final_metrics_and_pictures(compose_train, tmp_path):
+def test_mlflow_run_holds_params_final_metrics_and_pictures(compose_train, tmp_path,
+                                                            monkeypatch):
     from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
 
     train(compose_train(CPU, "trainer.max_epochs=2", "objective.beta=2", "latent_dim=3",
                         "eval.nll_samples=4", "logger=[tensorboard,mlflow]"))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
 
-    client = MlflowClient(f"file:{tmp_path / 'mlruns'}")
+    # MLflow's recommended store, read back without MLFLOW_ALLOW_FILE_STORE
+    assert "MLFLOW_ALLOW_FILE_STORE" not in os.environ
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("train")  # the task name
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
@@ -34,6 +40,7 @@ def test_mlflow_run_holds_params_final_metrics_and_pictures(compose_train, tmp_p
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     for picture in PICTURES:
         assert any(f"pictures~{picture}+" in p and p.endswith(".png") for p in images), picture
+    assert list((tmp_path / "mlruns" / "artifacts").rglob("*.png"))  # inside the run dir
     # TensorBoard still gets everything beside it
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 

@@ -12,9 +12,9 @@ from torch import nn
 
 from tests.conftest import ROOT
 from vaelab import pictures
-from vaelab.cli.train import train
 from vaelab.likelihoods import GaussianLikelihood
 from vaelab.models.vae import VAE
+from vaelab.training import train
 
 TAGS = ["pictures/reconstructions", "pictures/samples", "pictures/manifold",
         "pictures/latent_scatter", "pictures/interpolations", "pictures/traversals"]

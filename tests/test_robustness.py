@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tests.conftest import ROOT, TINY
 from vaelab.checkpointing import CheckpointError, read_checkpoint
-from vaelab.cli.train import train
+from vaelab.training import train
 
 CPU = "trainer.accelerator=cpu"
 NO_PICTURES = [f"callbacks.{k}=null" for k in ("reconstructions", "prior_samples",
@@ -621,3 +621,16 @@ def test_a_run_that_diverges_at_once_keeps_no_bad_checkpoint(compose_train, tmp_
                             "likelihood=gaussian", "optimizer.fused=false",
                             "callbacks.periodic_checkpoint.every_n_train_steps=1"))
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.parametrize("damage", ["key: [unclosed\n", "- a list\n- not a config\n",
+                                    "!!python/object/apply:os.system ['true']\n"])
+def test_a_run_dir_whose_config_cannot_be_read_ends_eval_with_one_message(mlp_run, damage):
+    config = mlp_run / ".hydra" / "config.yaml"
+    config.parent.mkdir(exist_ok=True)
+    config.write_text(damage)
+    result = subprocess.run([sys.executable, "eval.py", f"run_dir={mlp_run}", "nll_samples=2",
+                             "limit=4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and str(config) in result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr  # one line

@@ -76,15 +76,14 @@ def test_a_2x2_multirun_names_its_jobs_and_summarizes_itself(data_dir, tmp_path)
 def mlflow_runs(store):
     from mlflow.tracking import MlflowClient
 
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    client = MlflowClient(f"file:{store}")
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")  # no file-store switch needed
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
 def summary_history(store, run, key):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"file:{store}")
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
     names = [a.path for a in client.list_artifacts(run.info.run_id)]
     assert {"summary.md", "summary.csv"} <= set(names), names
     assert any(p.startswith("images") for p in names), names
@@ -205,3 +204,15 @@ def test_sweeps_in_one_folder_name_get_their_own_folders(data_dir, tmp_path):
         assert [r["status"] for r in rows(sweep)] == ["ok", "ok"], sweep
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("sweep")) == [
         "sweep", "sweep_2"]
+
+
+def test_a_job_whose_saved_config_is_damaged_is_a_row_not_a_crash(tmp_path):
+    from vaelab.sweeps import job_row
+
+    job = tmp_path / "0_beta=1"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("- beta=1\n")
+    (job / ".hydra" / "config.yaml").write_text("!!python/name:os.system\n")
+    row = job_row(job)
+    assert row["job"] == "0_beta=1" and row["status"].startswith("unreadable:")
+    assert "config.yaml" in row["status"]

@@ -11,9 +11,9 @@ import torch
 from lightning.pytorch.callbacks import Timer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from vaelab.cli.train import train, warn_slow_switches
 from vaelab.module import VAEModule
 from vaelab.schedules import BudgetSchedule
+from vaelab.training import train, warn_slow_switches
 
 CPU = "trainer.accelerator=cpu"
 
@@ -126,7 +126,7 @@ def test_subnormal_floats_are_flushed_to_zero_on_request(compose_train, flush):
 @pytest.mark.parametrize("native, warned", [(True, False), (False, True)])
 def test_bf16_on_a_cpu_without_bf16_instructions_warns_once(compose_train, monkeypatch, caplog,
                                                             native, warned):
-    monkeypatch.setattr("vaelab.cli.train.matmul_gflops",
+    monkeypatch.setattr("vaelab.training.matmul_gflops",
                         lambda dtype: 500.0 if dtype == torch.bfloat16 else 200.0)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
@@ -142,7 +142,7 @@ def test_bf16_warns_where_its_matmul_measures_slower_than_float32(compose_train,
                                                                   caplog, bf16, warned):
     """CPU flags alone are not enough: one PyTorch release ran bf16 slower on a bf16 CPU."""
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
-    monkeypatch.setattr("vaelab.cli.train.matmul_gflops",
+    monkeypatch.setattr("vaelab.training.matmul_gflops",
                         lambda dtype: bf16 if dtype == torch.bfloat16 else 245.0)
     warn_slow_switches(compose_train(CPU, "trainer.precision=bf16-mixed"))
     assert caplog.text.count("146 GFLOP/s here against 245 in float32") == int(warned)
@@ -150,7 +150,7 @@ def test_bf16_warns_where_its_matmul_measures_slower_than_float32(compose_train,
 
 
 def test_matmul_gflops_measures_this_cpu():
-    from vaelab.cli.train import matmul_gflops
+    from vaelab.training import matmul_gflops
 
     assert matmul_gflops(torch.float32, repeats=20) > 1.0
 
@@ -171,7 +171,7 @@ def test_compile_on_the_cpu_warns_with_what_it_measured_on_such_a_cpu(
 @pytest.mark.parametrize("capability, compiled", [("AVX512", True), ("AVX2", False)])
 def test_compile_auto_compiles_only_where_it_measured_faster(compose_train, monkeypatch, caplog,
                                                              capability, compiled):
-    from vaelab.cli.train import compile_setting
+    from vaelab.training import compile_setting
 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     cfg = compose_train(CPU, "compile=auto")
@@ -195,7 +195,7 @@ def test_compile_setting_reaches_torch_compile(compose_train, monkeypatch, setti
                                                options):
     from hydra.utils import instantiate
 
-    from vaelab.cli.train import build_module, compile_objective
+    from vaelab.training import build_module, compile_objective
 
     cfg = compose_train(CPU)
     module = build_module(cfg, instantiate(cfg.data))
@@ -216,7 +216,7 @@ def test_compiled_objective_on_the_cpu_draws_the_eager_noise(compose_train):
     and took 1.2 ms of a 4.8 ms batch-100 IWAE step)."""
     from hydra.utils import instantiate
 
-    from vaelab.cli.train import build_module, compile_objective
+    from vaelab.training import build_module, compile_objective
 
     cfg = compose_train(CPU, "objective=iwae", "mc_samples=3")
     module = build_module(cfg, instantiate(cfg.data))
@@ -261,7 +261,7 @@ def test_budget_schedule_follows_the_clock_and_refuses_a_second_schedule(compose
 
 
 def test_the_cuda_probe_is_asked_once_on_a_machine_without_a_gpu(monkeypatch):
-    from vaelab.cli.train import cache_cuda_probe
+    from vaelab.training import cache_cuda_probe
 
     monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # as importing Lightning sets it
     cache_cuda_probe()

@@ -3,6 +3,7 @@ pictures, the hyperparameters with the final numbers, and a sweep's summary. Ten
 MLflow and W&B each get them in their own way; a logger that takes no images (CSV) gets none.
 A logger that fails warns: it must never cost a run."""
 
+import importlib.util
 import logging
 import os
 from collections.abc import Iterable
@@ -48,16 +49,29 @@ def build(specs: Iterable[Any], resume_step: int | None = None) -> list[Logger]:
 
 
 def mlflow_settings(given: dict[str, Any]) -> dict[str, Any]:
-    """The tracking URI (given, else MLFLOW_TRACKING_URI as launched, else the run dir's file
-    store) and a run name (given, else the run dir's name)."""
+    """The tracking URI (given, else MLFLOW_TRACKING_URI as launched, else a SQLite store in the
+    run dir: `mlruns/mlflow.db`, artifacts in `mlruns/artifacts`) and a run name (given, else the
+    run dir's name). SQLite is the store MLflow 3 recommends; its file store is in maintenance mode
+    and readable only with MLFLOW_ALLOW_FILE_STORE=true."""
     uri = given.get("tracking_uri") or LAUNCH_TRACKING_URI
     store = Path(given.get("save_dir") or "mlruns")
-    uri = uri or f"file:{store}"
+    settings = {"run_name": given.get("run_name") or store.parent.name}
+    if not uri and all(importlib.util.find_spec(name) for name in ("sqlalchemy", "alembic")):
+        store.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{(store / 'mlflow.db').resolve()}"
+        settings["artifact_location"] = given.get("artifact_location") or str(
+            (store / "artifacts").resolve())
+        for name in ("mlflow.store.db.utils", "alembic"):  # table creation, on the console
+            logging.getLogger(name).setLevel(logging.WARNING)
+    elif not uri:
+        log.warning("logger=mlflow: MLflow's SQLite store needs sqlalchemy and alembic, which are "
+                    "not installed; using its file store in %s (read it back with "
+                    "MLFLOW_ALLOW_FILE_STORE=true)", store)
+        uri = f"file:{store}"
     if uri.startswith("file:"):
-        # MLflow 3 keeps its file store in maintenance mode, behind this switch; it needs no
-        # server and no database, which is what a run dir's own store is for
+        # MLflow 3 keeps its file store in maintenance mode, behind this switch
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    return {"tracking_uri": uri, "run_name": given.get("run_name") or store.parent.name}
+    return settings | {"tracking_uri": uri}
 
 
 def close(loggers: Iterable[Logger]) -> None:

@@ -69,9 +69,9 @@ class VAEModule(L.LightningModule):
         num_classes: int | None = None,
     ):
         super().__init__()
-        # Logged to TensorBoard's HParams tab once, with the final metrics (see cli/train.py).
+        # Logged to TensorBoard's HParams tab once, with the final metrics (see training.py).
         self.save_hyperparameters(logger=False)
-        # Only a conditional model is told the class count (the data's, see cli/train.py).
+        # Only a conditional model is told the class count (the data's, see training.py).
         extra = {"num_classes": num_classes} if model.get("conditional") else {}
         self.vae: VAE = instantiate(model, data_shape=list(data_shape), latent_dim=latent_dim,
                                     likelihood=instantiate(likelihood), **extra)

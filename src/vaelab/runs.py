@@ -49,7 +49,7 @@ def run_config(run: Path) -> DictConfig:
     path = run / ".hydra" / "config.yaml"
     if not path.is_file():
         raise MissingFile(f"{path} is missing: point run_dir at a folder made by train.py")
-    config = OmegaConf.load(path)
+    config = schema.read_config(path)
     loadable.check_resolvers(OmegaConf.to_container(config, resolve=False), path)
     return config
 

@@ -3,8 +3,10 @@ three entry points, and checkpoint hparams on load). pydantic does the checking 
 the constructors behind the configs trust what passed here."""
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -227,3 +229,18 @@ def _is_union_branch(part) -> bool:
     """pydantic names the union member it tried (`int`, `list[int]`, `constrained-int`)."""
     return isinstance(part, str) and ("[" in part or part in {"int", "float", "bool", "str"}
                                       or part.startswith(("constrained-", "literal", "function")))
+
+
+def read_config(path: Path) -> DictConfig:
+    """A config file that a run left (`.hydra/config.yaml`): a damaged file, a YAML Python tag or
+    anything but a mapping is one BadValue naming the file, never a YAML traceback."""
+    try:
+        config = OmegaConf.load(path)
+    except (yaml.YAMLError, ValueError, UnicodeDecodeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BadValue(f"{path} cannot be read ({first}): it is damaged or was not written by "
+                       f"train.py; point run_dir at an intact run dir") from None
+    if not isinstance(config, DictConfig):
+        raise BadValue(f"{path} holds a {type(config).__name__}, not a config mapping: it is "
+                       f"damaged or was not written by train.py")
+    return config

@@ -13,17 +13,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import yaml  # noqa: E402
-from hydra.experimental.callback import Callback  # noqa: E402
-from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
-
-from vaelab import loggers  # noqa: E402
-from vaelab.errors import MissingFile  # noqa: E402
+from vaelab import schema
+from vaelab.errors import BadValue, MissingFile
 
 log = logging.getLogger(__name__)
 METRICS = ("test/recon", "test/kl", "test/nelbo", "val/nelbo")
@@ -37,9 +32,12 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 
 
 def job_row(job: Path) -> dict[str, Any]:
-    overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
-    config = OmegaConf.load(job / ".hydra" / "config.yaml")
     row: dict[str, Any] = {"job": job.name}
+    try:
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
+        config = schema.read_config(job / ".hydra" / "config.yaml")
+    except (yaml.YAMLError, OSError, BadValue) as err:  # a damaged job is a row, not a crash
+        return row | {"status": f"unreadable: {str(err).splitlines()[0]}"}
     row.update(dict(o.split("=", 1) for o in overrides if "=" in o and not o.startswith("+")))
     # the values as built: `objective.beta=4` leaves the top-level `beta` at its default
     row["latent_dim"] = config.get("latent_dim")
@@ -97,10 +95,21 @@ def write_tables(rows: list[dict[str, Any]], sweep_dir: Path, best: dict | None)
     (sweep_dir / "summary.md").write_text("\n".join(lines))
 
 
+def pyplot():
+    """matplotlib's pyplot on its file backend, imported only when a summary is drawn: Hydra
+    builds SummarizeSweep for every command, and `--help` or a bad value must not pay for it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def rate_distortion_figure(rows: list[dict[str, Any]]):
     """KL (rate) against reconstruction (distortion): one line per latent_dim, points by beta."""
     done = [r for r in rows if r["status"] == "ok" and r.get("test/kl") is not None]
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=100)
+    fig, ax = pyplot().subplots(figsize=(7, 5), dpi=100)
     for latent_dim in sorted({r["latent_dim"] for r in done}):
         group = sorted((r for r in done if r["latent_dim"] == latent_dim),
                        key=lambda r: (r["beta"] is None, r["beta"] or 0))
@@ -123,7 +132,7 @@ def scores_figure(rows: list[dict[str, Any]]):
     latent_dim, the mean over the jobs that differ only in seed, their min-max as a band."""
     done = [r for r in rows if r["status"] == "ok" and r.get("beta") is not None]
     names = sorted({k for r in done for k in r if k.startswith("disentanglement/")})
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), dpi=100,
+    fig, axes = pyplot().subplots(1, len(names), figsize=(3.2 * len(names), 3.4), dpi=100,
                              squeeze=False)
     methods = sorted({(str(r.get("method")), r["latent_dim"]) for r in done})
     for ax, name in zip(axes[0], names, strict=True):
@@ -170,10 +179,12 @@ def summarize(sweep_dir: str | Path, logger_specs: list[dict[str, Any]] | None =
     if logger_specs is None:
         logger_specs = [{"_target_": "lightning.pytorch.loggers.TensorBoardLogger",
                          "save_dir": str(sweep_dir), "name": "tensorboard", "version": ""}]
+    from vaelab import loggers
+
     loggers.log_summary(logger_specs, f"summary of {sweep_dir.name}", rows, figures,
                         [sweep_dir / "summary.md", sweep_dir / "summary.csv"])
     for fig in figures.values():
-        plt.close(fig)
+        pyplot().close(fig)
     failed = sum(not r["status"].startswith("ok") for r in rows)
     log.info("summary of %d jobs (%d not ok) in %s", len(rows), failed, sweep_dir / "summary.md")
     return rows

@@ -1,6 +1,9 @@
 """`vaelab-eval run_dir=...`: importance-sampled NLL, bits/dim, active units, KL per dimension,
 and anomaly scores, written to eval[_<settings>].json, scores[_<settings>].csv and the run's
-TensorBoard."""
+TensorBoard. torch and the run's code are imported once the config has passed, so that `--help`
+and a bad value answer at once."""
+
+from __future__ import annotations
 
 import csv
 import io
@@ -8,15 +11,17 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vaelab import evaluation, runs, schema
-from vaelab import scores as vaelab_scores
+from vaelab import schema
 from vaelab.cli import config_dir, reports_user_errors, write_atomically
 from vaelab.errors import BadValue
+
+if TYPE_CHECKING:
+    from vaelab.evaluation import Scores
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +49,7 @@ def progress(batches, total: int, what: str):
     return tqdm(batches, total=total, desc=what, unit="batch", leave=False)
 
 
-def write_scores(path: Path, named_scores: dict[str, evaluation.Scores]) -> None:
+def write_scores(path: Path, named_scores: dict[str, Scores]) -> None:
     lines = io.StringIO()
     writer = csv.writer(lines)
     writer.writerow(["set", "index", "label", "nll", "nelbo"])
@@ -57,6 +62,9 @@ def write_scores(path: Path, named_scores: dict[str, evaluation.Scores]) -> None
 
 def disentanglement(vae, run_cfg: DictConfig, cfg: DictConfig) -> dict[str, float]:
     """The disentanglement scores on the run's own data, which must know its factors."""
+    from vaelab import runs
+    from vaelab import scores as vaelab_scores
+
     data = runs.load_data(run_cfg)
     if not vaelab_scores.has_factors(data):
         raise BadValue(f"disentanglement=true needs data with known factors (data=dsprites); "
@@ -66,6 +74,10 @@ def disentanglement(vae, run_cfg: DictConfig, cfg: DictConfig) -> dict[str, floa
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     schema.validate(cfg, schema.Eval)
+    import torch
+
+    from vaelab import evaluation, runs
+
     torch.manual_seed(cfg.seed)
     run, ckpt = runs.resolve(cfg.run_dir, cfg.ckpt_path)
     module, step = runs.load_module(ckpt, cfg.device)

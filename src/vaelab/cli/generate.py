@@ -1,25 +1,31 @@
-"""`vaelab-generate run_dir=...`: PNG pictures from a trained run, drawn by `vaelab.pictures`."""
+"""`vaelab-generate run_dir=...`: PNG pictures from a trained run, drawn by `vaelab.pictures`.
+torch and the run's code are imported once the config has passed, so that `--help` and a bad
+value answer at once."""
+
+from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import matplotlib.pyplot as plt
-import torch
 from omegaconf import DictConfig
-from PIL import Image
-from torchvision.transforms.functional import pil_to_tensor
-from torchvision.utils import save_image
 
-from vaelab import pictures, runs, schema
+from vaelab import schema
 from vaelab.cli import config_dir, reports_user_errors
 from vaelab.errors import BadValue
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 
 def read_image(path: str, shape) -> torch.Tensor:
     """An image file as the model's input: same channels and size, values in [0, 1]."""
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+
     channels, height, width = shape
     image = Image.open(path).convert("L" if channels == 1 else "RGB").resize((width, height))
     return pil_to_tensor(image).float() / 255
@@ -27,6 +33,12 @@ def read_image(path: str, shape) -> torch.Tensor:
 
 def generate(cfg: DictConfig) -> dict[str, Path]:
     schema.validate(cfg, schema.Generate)
+    import matplotlib.pyplot as plt
+    import torch
+    from torchvision.utils import save_image
+
+    from vaelab import pictures, runs
+
     run, ckpt = runs.resolve(cfg.run_dir, cfg.ckpt_path)
     module, _ = runs.load_module(ckpt, cfg.device)
     vae, device = module.vae, module.device
