@@ -17,6 +17,14 @@ of steps, taking turns (median of rounds): a plain eager loop, the plain loop's 
 LightningModule (the floor that Lightning's own loop sets), and vaelab's Lightning step.
 Both loops flush denormal floats to zero, as vaelab's runs do by default (`--keep-denormals`:
 neither does).
+`--whole-run` times whole commands instead, each a fresh process, one after the other: the
+pytorch/examples MLP for `--epochs` (3) epochs as `python train.py experiment=mnist_mlp_reference`,
+as pythae's own trainer with the same nets (`pip install -e ".[bench]"`), and as a plain in-memory
+PyTorch loop (benchmarks/peers.py: each imports only what it needs); it writes the record
+`whole_run` (benchmarks/results/):
+
+    python benchmarks/throughput.py --data-dir ../shared/data --whole-run --epochs 3
+
 `--accelerator gpu` runs both on the GPU (the plain loop's images, indices and noise there too),
 and `--compile-modes default reduce-overhead` adds a row per torch.compile mode:
 
@@ -25,11 +33,17 @@ and `--compile-modes default reduce-overhead` adds a row per torch.compile mode:
 """
 
 import argparse
+import json
 import math
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -37,9 +51,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from vaelab.cli.train import NoProfiler, cache_cuda_probe, compile_objective
 from vaelab.data import MNISTDataModule
 from vaelab.module import VAEModule
+from vaelab.training import NoProfiler, cache_cuda_probe, compile_objective
+
+ROOT = Path(__file__).resolve().parent.parent
 
 MODELS = {
     "mlp": {"_target_": "vaelab.models.MLPVAE", "hidden_dims": [400]},
@@ -270,6 +286,96 @@ def report(label, times, n):
     return per_60k
 
 
+def child(argv: list[str]) -> tuple[float, str]:
+    """Run a whole command in a fresh process; its wall time and its output."""
+    started = time.perf_counter()
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    return seconds, done.stdout
+
+
+def vaelab_clock(run: Path) -> dict[str, list[float]]:
+    """`time/epoch_s`, `time/val_s` (validation and pictures) and `time/step_ms` of every epoch,
+    from the run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    return {key: [e.value for e in events.Scalars(f"time/{key}")]
+            for key in ("epoch_s", "val_s", "step_ms")}
+
+
+def import_seconds(module: str) -> float:
+    """Wall time of `python -c "import <module>"`, the median of three fresh processes."""
+    return statistics.median(child([sys.executable, "-c", f"import {module}"])[0]
+                             for _ in range(3))
+
+
+def whole_run(data_dir: str, epochs: int) -> None:
+    """vaelab's whole command against pythae's and a plain in-memory loop, one after the other,
+    and where vaelab's seconds go."""
+    import record
+
+    peer = [sys.executable, str(Path(__file__).resolve().parent / "peers.py")]
+    peers = {}
+    for name in ("pythae", "plain"):
+        seconds, out = child([*peer, name, "--data-dir", data_dir, "--epochs", str(epochs)])
+        peers[name] = (seconds, json.loads(out.strip().splitlines()[-1]))
+    with tempfile.TemporaryDirectory() as tmp:
+        command = ["train.py", "experiment=mnist_mlp_reference", f"trainer.max_epochs={epochs}"]
+        seconds, _ = child([sys.executable, *command, f"paths.data_dir={data_dir}",
+                            f"hydra.run.dir={tmp}/run"])
+        metrics = json.loads((Path(tmp) / "run" / "metrics.json").read_text())
+        clock = vaelab_clock(Path(tmp) / "run")
+    plain_times = peers["plain"][1]["epoch_s"]
+    plain_epoch = statistics.median(plain_times[1:] or plain_times)
+    pythae_s, pythae = peers["pythae"]
+    vaelab_epoch = statistics.median(clock["epoch_s"][1:] or clock["epoch_s"])
+    rows = [
+        [f"`python {' '.join(command)}`", round(seconds, 1), round(seconds / pythae_s, 2),
+         round(vaelab_epoch, 2), round(vaelab_epoch / plain_epoch, 2),
+         round(metrics["time/train_s"], 1), round(metrics["test/nelbo"], 2)],
+        ["pythae 0.1.2, its own trainer, the same nets", round(pythae_s, 1), 1.0,
+         round(pythae["train_s"] / epochs, 2), round(pythae["train_s"] / epochs / plain_epoch, 2),
+         round(pythae["train_s"], 1), round(pythae["test_nelbo"], 2)],
+        ["a plain in-memory PyTorch loop", round(peers["plain"][0], 1),
+         round(peers["plain"][0] / pythae_s, 2), round(plain_epoch, 2), 1.0,
+         round(sum(plain_times), 1), round(peers["plain"][1]["test_nelbo"], 2)],
+    ]
+    for row in rows:
+        print(" | ".join(str(v) for v in row))
+    record.write("whole_run", f"The pytorch/examples MLP, {epochs} epochs on MNIST, whole commands",
+                 ["command", "whole command (s)", "/ pythae", "epoch (s)", "epoch / plain loop",
+                  "training (s)", "test −ELBO"], rows,
+                 ["vaelab's epoch is its median `time/epoch_s` after the first: training, "
+                  "validation on 1,000 images and the pictures of every epoch. pythae's is its "
+                  "training time over the epochs (it validates on the same 1,000 images each "
+                  "epoch). The plain loop's is the median after the first, training only. Each "
+                  "peer imports only what it needs (benchmarks/peers.py)."],
+                 packages=("pythae",))
+    train_steps = sum(e - v for e, v in zip(clock["epoch_s"], clock["val_s"], strict=True))
+    fit = metrics["time/train_s"]
+    torch_s, lightning_s, vaelab_s = (import_seconds(m) for m in
+                                      ("torch", "lightning", "vaelab.training"))
+    parts = [
+        ['`python -c "import torch"`', round(torch_s, 2)],
+        ['`python -c "import lightning"` (with torchmetrics and torchvision, which it imports)',
+         round(lightning_s, 2)],
+        ['`python -c "import vaelab.training"` (all that a run imports)', round(vaelab_s, 2)],
+        ["fit: training steps, all epochs", round(train_steps, 2)],
+        ["fit: validation and pictures, all epochs", round(sum(clock["val_s"]), 2)],
+        ["fit: the rest (sanity check, checkpoints, model summary, projector)",
+         round(fit - sum(clock["epoch_s"]), 2)],
+        ["the whole command less fit (start-up, test, finish)", round(seconds - fit, 2)],
+    ]
+    record.write("whole_run_parts", "Where the seconds of vaelab's whole command go", ["part",
+                 "seconds"], parts, [f"`python {' '.join(command)}`: {seconds:.1f} s in all; "
+                                     f"the parts from the run's own clock (time/*)."])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="../shared/data")
@@ -287,9 +393,14 @@ def main():
     parser.add_argument("--settings", nargs="+", default=["32-true", "bf16-mixed+compile"],
                         help="vaelab's trainer.precision, each optionally with +compile")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--whole-run", action="store_true",
+                        help="whole commands: vaelab, pythae and a plain loop (record whole_run)")
     parser.add_argument("--keep-denormals", action="store_true",
                         help="both loops keep denormal floats (train.py's flush_denormal=false)")
     args = parser.parse_args()
+    if args.whole_run:
+        whole_run(args.data_dir, args.epochs)
+        return
     # As train.py does (flush_denormal=true), before the first parallel op starts the threads
     # that inherit it; for both loops, so that they differ only in the loop.
     torch.set_flush_denormal(not args.keep_denormals)

@@ -1,5 +1,5 @@
-"""A validation bound against wall-clock minutes, for several runs in one plot (README
-"Likelihood benchmark": the old and the new `mnist_best` recipe over one CPU hour).
+"""A validation bound against wall-clock minutes, for several runs in one plot (docs/evaluation.md:
+recipes compared by time, not by epochs).
 
 Minutes count from a run's first logged event (the first epoch's start); the bound is read from
 each run's TensorBoard events. Points measured elsewhere (a run whose events are gone) can join as

@@ -108,7 +108,7 @@ class VAEModule(L.LightningModule):
     def __setattr__(self, name: str, value: Any) -> None:
         """Lightning sets `_current_fx_name` around every hook, about 40 times a step, and
         nn.Module's checks for parameters, buffers and submodules cost 0.03 to 0.13 ms a step
-        (README "Speed"). A hook's name is none of those, so it goes straight to the instance."""
+        (docs/speed.md). A hook's name is none of those, so it goes straight to the instance."""
         if name == "_current_fx_name":
             self.__dict__[name] = value
         else:

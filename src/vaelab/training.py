@@ -219,7 +219,7 @@ def compile_objective(module: VAEModule, setting: bool | str | None, on_cpu: boo
     graphs). Only the objective is compiled: the nets keep their names in checkpoints.
     On the CPU, inductor draws the latents' noise with torch's generator (`fallback_random`),
     as eager does: its own per-element Philox kernel took 1.2 ms of a batch-100 IWAE step
-    there, and made the compiled step slower than the eager one (README "Speed")."""
+    there, and made the compiled step slower than the eager one (docs/speed.md)."""
     if not setting:
         return
     mode = None if setting is True else setting
@@ -235,7 +235,7 @@ class NoProfiler(PassThroughProfiler):
     """Lightning's profiler when none is asked for (debug=profiler asks for one), without a
     context manager per call: Lightning enters `profile()` around every hook of every callback,
     about 100 times a step with vaelab's callbacks, and a fresh generator-based context each
-    time cost 0.2 to 0.27 ms of an 8 ms `mnist_best` step on 2 CPU cores (README "Speed")."""
+    time cost 0.2 to 0.27 ms of an 8 ms `mnist_best` step on 2 CPU cores (docs/speed.md)."""
 
     _nothing = contextlib.nullcontext()
 
@@ -255,7 +255,7 @@ def cache_cuda_probe() -> None:
 
 
 def warn_slow_switches(cfg: DictConfig) -> None:
-    """The fast switches, where they measured slower on the CPU (README "Speed"): say so once,
+    """The fast switches, where they measured slower on the CPU (docs/speed.md): say so once,
     with the reason; the run goes on as asked."""
     if on_gpu(cfg.trainer):
         return
@@ -278,16 +278,16 @@ def warn_slow_switches(cfg: DictConfig) -> None:
     setting = compile_setting(cfg)
     if cfg.get("compile") == "auto" and not setting:
         log.info("compile=auto: off, on a CPU without AVX-512 a compiled MLP epoch took 43 s "
-                 "against 7 s eager (README \"Speed\").")
+                 "against 7 s eager (docs/speed.md).")
     elif setting and not avx512():
         why = ("on a CPU without AVX-512 a compiled MLP epoch took 43 s against 7 s eager; "
                "leave compile off on this machine")
         if setting == "reduce-overhead":
             why = f"CUDA graphs need a GPU, so it compiles as compile=true does; {why}"
-        log.warning("compile=%s: %s (README \"Speed\").", str(setting).lower(), why)
+        log.warning("compile=%s: %s (docs/speed.md).", str(setting).lower(), why)
     elif setting == "reduce-overhead":
         log.warning("compile=reduce-overhead: CUDA graphs need a GPU, so it compiles as "
-                    "compile=true does (README \"Speed\").")
+                    "compile=true does (docs/speed.md).")
 
 
 def avx512() -> bool:
@@ -296,7 +296,7 @@ def avx512() -> bool:
 
 
 def compile_setting(cfg: DictConfig) -> bool | str:
-    """`compile`, with `auto` decided by what was measured (README "Speed"): on for a GPU
+    """`compile`, with `auto` decided by what was measured (docs/speed.md): on for a GPU
     (1.45x faster steps on an H100) and for a CPU with AVX-512 (10 to 11% faster steps, for
     about 25 s of compiling from a cold cache), off for other CPUs (6x slower epochs)."""
     setting = cfg.get("compile") or False
