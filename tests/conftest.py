@@ -1,5 +1,6 @@
 """Shared fixtures: tiny generated IDX datasets and configs composed into tmp dirs."""
 
+import os
 import struct
 from pathlib import Path
 
@@ -11,6 +12,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from vaelab.cli import config_dir
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The suite's workers share the cores: a thread each, for them and their subprocesses (two
+    # processes with a thread per core each slow each other down many times over).
+    import torch
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -62,6 +71,15 @@ def image_dir(tmp_path_factory) -> Path:
         Image.fromarray(rng.integers(0, 255, (20, 20, 3)).astype(np.uint8)).save(
             root / f"c{i % 2}" / f"{i}.png")
     return root
+
+
+def compose_tool(name: str, *overrides: str):
+    """The config of `python <name>.py <overrides>` (eval, generate), composed in-process."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(name, overrides=list(overrides))
+    GlobalHydra.instance().clear()
+    return cfg
 
 
 @pytest.fixture

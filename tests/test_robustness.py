@@ -75,13 +75,14 @@ def wait_for(predicate, process, timeout=120.0, poll=0.002):
     return False
 
 
-def test_a_killed_factor_vae_resumes_to_the_uninterrupted_numbers(data_dir, tmp_path):
+def test_a_killed_factor_vae_resumes_to_the_uninterrupted_numbers(compose_train, data_dir,
+                                                                   tmp_path):
     """SIGKILL a FactorVAE run (two optimizers) once an epoch-end last.ckpt exists, resume it:
-    the test numbers equal those of a run that was never killed."""
-    common = [f"paths.data_dir={data_dir}", CPU, "objective=factor_vae", "objective.hidden=32",
-              "objective.layers=2", "trainer.max_epochs=6", *NO_PICTURES]
-    whole = run_train([*common, f"hydra.run.dir={tmp_path / 'whole'}"])
-    assert whole.wait(600) == 0, whole.stdout.read()[-3000:]
+    the test numbers equal those of a run that was never killed (trained in-process)."""
+    settings = [CPU, "objective=factor_vae", "objective.hidden=32", "objective.layers=2",
+                "trainer.max_epochs=6", *NO_PICTURES]
+    common = [f"paths.data_dir={data_dir}", *settings]
+    train(compose_train(*settings, output_dir=tmp_path / "whole"))
     run = tmp_path / "killed"
     process = run_train([*common, f"hydra.run.dir={run}"])
     last = run / "checkpoints" / "last.ckpt"
@@ -623,12 +624,20 @@ def test_a_run_that_diverges_at_once_keeps_no_bad_checkpoint(compose_train, tmp_
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 
-@pytest.mark.parametrize("damage", ["key: [unclosed\n", "- a list\n- not a config\n",
-                                    "!!python/object/apply:os.system ['true']\n"])
-def test_a_run_dir_whose_config_cannot_be_read_ends_eval_with_one_message(mlp_run, damage):
+def test_a_run_dir_whose_config_cannot_be_read_ends_eval_with_one_message(mlp_run):
+    from tests.conftest import compose_tool
+    from vaelab.cli.eval import evaluate
+    from vaelab.cli.generate import generate
+    from vaelab.errors import BadValue
+
     config = mlp_run / ".hydra" / "config.yaml"
     config.parent.mkdir(exist_ok=True)
-    config.write_text(damage)
+    for damage in ("key: [unclosed\n", "- a list\n- not a config\n"):
+        config.write_text(damage)
+        for tool, run in (("eval", evaluate), ("generate", generate)):
+            with pytest.raises(BadValue, match="config.yaml"):
+                run(compose_tool(tool, f"run_dir={mlp_run}"))
+    config.write_text("!!python/object/apply:os.system ['true']\n")  # and as a user sees it
     result = subprocess.run([sys.executable, "eval.py", f"run_dir={mlp_run}", "nll_samples=2",
                              "limit=4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-2000:]

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -33,11 +34,20 @@ def rows(sweep_dir):
         return list(csv.DictReader(file))
 
 
-def test_a_2x2_multirun_names_its_jobs_and_summarizes_itself(data_dir, tmp_path):
-    sweep = tmp_path / "sweep"
+@pytest.fixture(scope="module")
+def sweep_2x2(data_dir, tmp_path_factory):
+    """One 2x2 multirun with TensorBoard and MLflow, shared by the tests that read it (each
+    test that changes it works on a copy)."""
+    cwd = tmp_path_factory.mktemp("sweep_2x2")
+    sweep = cwd / "sweep"
     # objective.beta, not the top-level beta: the summary reports the beta that was built
     train_py(["-m", "latent_dim=2,4", "objective.beta=0.5,4", f"hydra.sweep.dir={sweep}",
-              "logger=[tensorboard,mlflow]"], data_dir, tmp_path)
+              "logger=[tensorboard,mlflow]"], data_dir, cwd)
+    return sweep
+
+
+def test_a_2x2_multirun_names_its_jobs_and_summarizes_itself(sweep_2x2):
+    sweep, tmp_path = sweep_2x2, sweep_2x2.parent
     jobs = sorted(p.name for p in sweep.iterdir() if (p / ".hydra").is_dir())
     assert jobs == ["0_latent_dim=2,objective.beta=0.5", "1_latent_dim=2,objective.beta=4",
                     "2_latent_dim=4,objective.beta=0.5", "3_latent_dim=4,objective.beta=4"]
@@ -102,20 +112,22 @@ def test_a_failed_job_is_a_row_not_a_crash(data_dir, tmp_path):
     assert "failed: ConfigError" in (sweep / "summary.md").read_text()
 
 
-def test_summarize_on_demand(data_dir, tmp_path):
+def test_summarize_on_demand(sweep_2x2, tmp_path):
     sweep = tmp_path / "sweep"
-    train_py(["-m", "beta=1,2", f"hydra.sweep.dir={sweep}"], data_dir, tmp_path)
-    for name in ("summary.csv", "summary.md", "rate_distortion.png"):
-        (sweep / name).unlink()
-    (sweep / "1_beta=2" / "metrics.json").unlink()  # as if that job had been killed
+    shutil.copytree(sweep_2x2, sweep)
+    for name in ("summary.csv", "summary.md", "rate_distortion.png", "mlruns", "tensorboard"):
+        shutil.rmtree(sweep / name) if (sweep / name).is_dir() else (sweep / name).unlink()
+    killed = "1_latent_dim=2,objective.beta=4"
+    (sweep / killed / "metrics.json").unlink()  # as if that job had been killed
     result = subprocess.run([sys.executable, "-m", "vaelab.cli.summarize", f"sweep_dir={sweep}",
                              "logger=[tensorboard,mlflow]"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     (summary,) = mlflow_runs(sweep / "mlruns")
-    assert len(summary_history(sweep / "mlruns", summary, "test/nelbo")) == 1  # one job done
-    statuses = [r["status"] for r in rows(sweep)]
-    assert statuses == ["ok", "incomplete (killed, or still running)"]
+    assert len(summary_history(sweep / "mlruns", summary, "test/nelbo")) == 3  # three jobs done
+    statuses = {r["job"]: r["status"] for r in rows(sweep)}
+    assert statuses.pop(killed) == "incomplete (killed, or still running)"
+    assert set(statuses.values()) == {"ok"} and len(statuses) == 3
     assert (sweep / "rate_distortion.png").is_file()
     with pytest.raises(FileNotFoundError, match="no job folders"):
         summarize(tmp_path / "empty")
@@ -131,14 +143,6 @@ def test_optuna_search_reports_its_best_trial(data_dir, tmp_path):
     best = min(float(r["val/nelbo"]) for r in table)
     markdown = (sweep / "summary.md").read_text()
     assert "Best trial (Optuna)" in markdown and f"value: {best:.2f}" in markdown
-
-
-def test_joblib_runs_jobs_in_parallel_and_splits_the_threads(data_dir, tmp_path):
-    sweep = tmp_path / "joblib"
-    train_py(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "beta=1,2",
-              f"hydra.sweep.dir={sweep}"], data_dir, tmp_path)
-    threads = [json.loads(p.read_text())["torch_threads"] for p in sweep.glob("*/metrics.json")]
-    assert threads == [max(1, os.cpu_count() // 2)] * 2
 
 
 def test_ddp_cpu_run_has_one_dir_and_logs_what_rank_zero_synced(data_dir, tmp_path):
@@ -195,13 +199,17 @@ def test_job_names_keep_only_swept_keys(monkeypatch):
 def test_sweeps_in_one_folder_name_get_their_own_folders(data_dir, tmp_path):
     """The default sweep dir is claimed like a run dir (`vaelab.claim`): a second sweep started
     in the same second writes to `<time>_2`, and joblib's worker processes, which resolve the
-    config again, still join the folder their sweep claimed."""
+    config again, still join the folder their sweep claimed, each with its share of the CPU
+    threads."""
     claimed = "hydra.sweep.dir=${vaelab.claim:" + str(tmp_path / "sweep") + "}"
     train_py(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "latent_dim=2,3",
               claimed], data_dir, tmp_path)
     train_py(["-m", "latent_dim=2,3", claimed], data_dir, tmp_path)
     for sweep in (tmp_path / "sweep", tmp_path / "sweep_2"):
         assert [r["status"] for r in rows(sweep)] == ["ok", "ok"], sweep
+    threads = [json.loads(p.read_text())["torch_threads"]
+               for p in (tmp_path / "sweep").glob("*/metrics.json")]
+    assert threads == [max(1, os.cpu_count() // 2)] * 2  # joblib's 2 jobs share the cores
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("sweep")) == [
         "sweep", "sweep_2"]
 

@@ -218,8 +218,8 @@ def compile_objective(module: VAEModule, setting: bool | str | None, on_cpu: boo
     """compile=true: torch.compile's default mode; a name is the mode (reduce-overhead: CUDA
     graphs). Only the objective is compiled: the nets keep their names in checkpoints.
     On the CPU, inductor draws the latents' noise with torch's generator (`fallback_random`),
-    as eager does: its own per-element Philox kernel took 1.2 ms of a batch-100 IWAE step
-    there, and made the compiled step slower than the eager one (docs/speed.md)."""
+    as eager does: its own per-element Philox kernel took 1.2 ms of a batch-100 IWAE step on a
+    2-core AVX-512 CPU, and made the compiled step slower than the eager one (docs/speed.md)."""
     if not setting:
         return
     mode = None if setting is True else setting
@@ -247,7 +247,7 @@ def cache_cuda_probe() -> None:
     """Lightning makes torch ask NVML whether there is a GPU (it cannot poison a later fork),
     and torch does not cache that answer before CUDA starts: Adam's step asks it every step,
     which on a machine without an NVIDIA driver is a failed dlopen each time (65 us a call
-    here, 2% of a batch-20 step). With no GPU there is no CUDA to poison, so use torch's own
+    on a 2-core CPU, 2% of a batch-20 step). With no GPU there is no CUDA to poison, so use torch's own
     probe, which is asked once."""
     if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == "1" and \
             torch.cuda.device_count() == 0:
