@@ -247,8 +247,8 @@ def cache_cuda_probe() -> None:
     """Lightning makes torch ask NVML whether there is a GPU (it cannot poison a later fork),
     and torch does not cache that answer before CUDA starts: Adam's step asks it every step,
     which on a machine without an NVIDIA driver is a failed dlopen each time (65 us a call
-    on a 2-core CPU, 2% of a batch-20 step). With no GPU there is no CUDA to poison, so use torch's own
-    probe, which is asked once."""
+    on a 2-core CPU, 2% of a batch-20 step). With no GPU there is no CUDA to poison, so use
+    torch's own probe, which is asked once."""
     if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == "1" and \
             torch.cuda.device_count() == 0:
         os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
