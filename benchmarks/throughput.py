@@ -298,14 +298,14 @@ def child(argv: list[str]) -> tuple[float, str]:
 
 
 def vaelab_clock(run: Path) -> dict[str, list[float]]:
-    """`time/epoch_s`, `time/val_s` (validation and pictures) and `time/step_ms` of every epoch,
-    from the run's TensorBoard events."""
+    """`time/epoch_s` and `time/val_s` (validation and pictures) of every epoch, from the run's
+    TensorBoard events."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     return {key: [e.value for e in events.Scalars(f"time/{key}")]
-            for key in ("epoch_s", "val_s", "step_ms")}
+            for key in ("epoch_s", "val_s")}
 
 
 def import_seconds(module: str) -> float:
