@@ -49,6 +49,23 @@ def test_elbo_below_iwae_below_log_likelihood():
     assert elbo < bounds[5] < bounds[50] < exact
 
 
+def test_reconstruction_error_against_the_mean_image():
+    """recon_mse is the squared error of the mean reconstruction per value; the ratio divides
+    the summed error by the error of the data's own mean image."""
+    vae = linear_vae(latent_dim=4, active=(1, 3))
+    batches = [(torch.randn(30, 1, 1, 6) + 2, torch.zeros(30)) for _ in range(3)]
+    scores = evaluation.score(vae, batches, samples=2)
+    x = torch.cat([b[0] for b in batches]).flatten(1).double()
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(x.float().reshape(-1, 1, 1, 6)).mean).mean.flatten(1)
+    assert scores.recon_mse.tolist() == pytest.approx((recon - x).pow(2).mean(1).tolist(),
+                                                      rel=1e-5)
+    spread = (x - x.mean(0)).pow(2).mean(1).sum().item()
+    assert scores.spread == pytest.approx(spread, rel=1e-9)
+    ratio = evaluation.summary(scores, vae, 2)["eval/recon_mse_ratio"]
+    assert ratio == pytest.approx(scores.recon_mse.sum().item() / spread, rel=1e-6) and ratio > 0
+
+
 def test_active_units_count_only_units_that_vary_with_x():
     vae = linear_vae(latent_dim=4, active=(1, 3))
     batches = [(torch.randn(50, 1, 1, 6), torch.zeros(50)) for _ in range(2)]

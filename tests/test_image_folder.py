@@ -1,6 +1,7 @@
 """Image folders: mixed formats and modes, junk files, splits, labels, caching, errors, training."""
 
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -182,11 +183,26 @@ def test_fast_dev_run_on_colour_images(compose_train, folder, tmp_path, size):
     cfg = compose_train("data=image_folder", f"data.path={folder}", f"data.image_size={size}",
                         "model=conv", "debug=fdr", f"data.cache_dir={tmp_path / 'cache'}",
                         "data.batch_size=4", tiny=False)
-    assert cfg.likelihood._target_.endswith("GaussianLikelihood")  # the default for images
+    assert cfg.likelihood._target_.endswith("LogisticMixtureLikelihood")  # the default for images
     metrics = train(cfg)
     assert np.isfinite(metrics["test/nelbo"]) and metrics["test/bpd"] > 0
     seed = compose_train("experiment=seed002_products", f"data.path={folder}", tiny=False)
     assert seed.data.image_size == 128 and seed.model.batch_norm
+
+
+@pytest.mark.parametrize("likelihood", [["likelihood=dlogistic", "likelihood.components=3"],
+                                        ["likelihood=gaussian", "likelihood.scale=pixel",
+                                         "likelihood.discretized=true"]])
+def test_discrete_likelihoods_train_on_a_latent_map_with_exact_bits_per_dim(
+        compose_train, folder, tmp_path, likelihood):
+    cfg = compose_train("data=image_folder", f"data.path={folder}", "data.image_size=32",
+                        "model.latent_map=4", "latent_dim=4", *likelihood, "debug=fdr",
+                        f"data.cache_dir={tmp_path / 'cache'}", "data.batch_size=4", tiny=False)
+    metrics = train(cfg)
+    dims = 3 * 32 * 32
+    assert np.isfinite(metrics["test/nelbo"]) and metrics["test/nelbo"] > 0  # a probability
+    assert metrics["test/bpd"] == pytest.approx(metrics["test/nelbo"] / (dims * math.log(2)),
+                                                rel=1e-4)  # no bin width added
 
 
 def test_odd_names_and_broken_links_are_skipped_or_read(tmp_path, caplog):

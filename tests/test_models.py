@@ -6,15 +6,17 @@ import pytest
 import torch
 from torch.distributions import Independent, Normal, kl_divergence
 
-from vaelab.likelihoods import BernoulliLikelihood, GaussianLikelihood
-from vaelab.models import MLPVAE, ConvVAE, HierarchicalVAE, VampPrior
+from vaelab.likelihoods import BernoulliLikelihood, GaussianLikelihood, LogisticMixtureLikelihood
+from vaelab.models import MLPVAE, ConvVAE, HierarchicalVAE, LadderVAE, VampPrior
 from vaelab.models.priors import StandardNormal
 from vaelab.models.vae import DiagonalGaussian, normal_kl
 from vaelab.objectives import ELBO, IWAE
 
 SHAPES = [(1, 28, 28), (3, 32, 32), (3, 27, 20)]
-LIKELIHOODS = [BernoulliLikelihood, GaussianLikelihood]
-FAMILIES = ["mlp", "conv", "cvae", "cvae_conv", "vamp", "vamp_conv", "hvae"]
+LIKELIHOODS = [BernoulliLikelihood, GaussianLikelihood,
+               partial(GaussianLikelihood, scale="pixel", discretized=True),
+               partial(LogisticMixtureLikelihood, components=3)]
+FAMILIES = ["mlp", "conv", "map_conv", "cvae", "cvae_conv", "vamp", "vamp_conv", "hvae", "lvae"]
 VAMP = partial(VampPrior, components=6)
 
 
@@ -24,9 +26,13 @@ def build(family, shape, likelihood, latent_dim=5):
     if family == "hvae":
         return HierarchicalVAE(shape, latent_dim, likelihood(), bottom_dim=6, hidden_dims=[16],
                                top_hidden_dims=[8])
+    if family == "lvae":
+        return LadderVAE(shape, latent_dim, likelihood(), latent_dims=[6, 4],
+                         hidden_dims=[16, 8, 8])
     if family.endswith("conv"):
+        grid = {"latent_map": 4} if family == "map_conv" else {}
         return ConvVAE(shape, latent_dim, likelihood(), channels=[8, 16], hidden_dim=16,
-                       **conditional, **prior)
+                       **conditional, **prior, **grid)
     return MLPVAE(shape, latent_dim, likelihood(), hidden_dims=[64, 32], **conditional, **prior)
 
 
@@ -35,8 +41,9 @@ def build(family, shape, likelihood, latent_dim=5):
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
 def test_shapes_and_a_finite_differentiable_loss(family, shape, likelihood):
     vae = build(family, shape, likelihood)
-    d = vae.latent_dim  # [z1, z2] for the hierarchical model: 6 + 5
-    assert d == (11 if family == "hvae" else 5)
+    d = vae.latent_dim  # [z1, z2] for the hierarchical model: 6 + 5; 5 per cell on a grid
+    grid = ((shape[1] + 3) // 4) * ((shape[2] + 3) // 4)  # two stride-2 stages
+    assert d == {"hvae": 11, "lvae": 15, "map_conv": 5 * grid}.get(family, 5)
     x = torch.rand(4, *shape)
     y = torch.tensor([0, 1, 2, 1]) if vae.conditional else None
     q = vae.encode(x, y)

@@ -1,27 +1,47 @@
 """Observation models p(x|z): turn a decoder's raw output into a distribution over one example.
 
-Every likelihood returns an `Independent` distribution whose event is the whole example, so
-`log_prob(x)` is already summed over the example's dimensions (nats per example).
+Every likelihood returns a distribution whose event is the whole example, so `log_prob(x)` is
+already summed over the example's dimensions (nats per example). A likelihood also says how many
+decoder outputs it needs (`param_shape`): one per data value for a shared scale, two for a
+per-pixel scale, ten per component for a logistic mixture over RGB.
+
+The discrete ones give the probability of each of the 256 values of an 8-bit image (data scaled
+to [0, 1], value k stored as k / 255): bits/dim is then exactly -log2 p(x) / D.
 """
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributions import Bernoulli, Distribution, Independent, Normal
+from torch.distributions import Bernoulli, Distribution, Independent, Normal, constraints
+
+from vaelab.errors import BadValue
+
+LEVELS = 256                  # values of an 8-bit channel
+HALF_BIN = 0.5 / (LEVELS - 1)  # half the width of a value's bin on the [0, 1] scale
 
 
 class Likelihood(nn.Module):
-    """Base class: one decoder output per data value (channel x pixel) parameterizes p(x|z).
+    """Base class: the decoder's raw output [..., *param_shape] parameterizes p(x|z).
 
     `discrete`: a probability of each value (bits/dim reads it as is) rather than a density
     over [0, 1]-scaled 8-bit values (bits/dim adds the bin width)."""
 
     discrete = False
 
+    def param_shape(self, data_shape: Sequence[int]) -> tuple[int, ...]:
+        """The decoder's output shape for one example: one value per data value by default."""
+        return tuple(data_shape)
+
     def forward(self, out: torch.Tensor, event_ndims: int) -> Distribution:
         raise NotImplementedError
+
+
+def per_channel(data_shape: Sequence[int], n: int) -> tuple[int, ...]:
+    """`n` outputs per data value, stacked along the channel (first) dimension."""
+    return (n * data_shape[0], *data_shape[1:])
 
 
 class BernoulliLikelihood(Likelihood):
@@ -58,25 +78,238 @@ class IndependentBernoulli(Independent):
 
 
 class GaussianLikelihood(Likelihood):
-    """Gaussian with a mean from the decoder and one standard deviation shared by all values.
+    """Gaussian with a mean from the decoder and a standard deviation that is either one for all
+    values (`scale=global`, learned by maximum likelihood: the "sigma-VAE") or predicted for
+    each value by the decoder (`scale=pixel`: the white background gets little noise, the
+    edges more). `discretized=true` turns the density into the probability of each 8-bit
+    value's bin, so bits/dim is exact.
 
-    `learn_scale=False` with `scale=sqrt(1/2)` is the MSE loss up to a constant; `learn_scale=True`
-    learns sigma by maximum likelihood (the "sigma-VAE"), which balances recon against KL.
+    `learn_scale=False` with `init_scale=sqrt(1/2)` and a global scale is the MSE loss up to a
+    constant. A number as `scale` (checkpoints before `init_scale`) is a global scale that
+    starts there.
     """
 
-    def __init__(self, scale: float = 1.0, learn_scale: bool = True, min_scale: float = 1e-3):
+    def __init__(self, scale: str | float = "global", init_scale: float = 0.3,
+                 learn_scale: bool = True, min_scale: float = 1e-3, discretized: bool = False):
         super().__init__()
-        log_scale = torch.tensor(math.log(scale))
-        if learn_scale:
-            self.log_scale = nn.Parameter(log_scale)
-        else:
-            self.register_buffer("log_scale", log_scale)
+        if not isinstance(scale, str):
+            scale, init_scale = "global", float(scale)
+        if scale not in ("global", "pixel"):
+            raise BadValue(f"likelihood.scale={scale!r} is unknown; choose global (one learned "
+                           f"sigma) or pixel (a sigma per value, from the decoder)")
+        self.per_pixel, self.discrete = scale == "pixel", bool(discretized)
         self.min_scale = min_scale
+        log_scale = torch.tensor(math.log(init_scale))
+        if learn_scale and not self.per_pixel:
+            self.log_scale = nn.Parameter(log_scale)
+        else:  # the per-pixel decoder's log scales are offsets from this one
+            self.register_buffer("log_scale", log_scale)
 
     @property
     def scale(self) -> torch.Tensor:
         return self.log_scale.exp().clamp_min(self.min_scale)
 
+    def param_shape(self, data_shape):
+        return per_channel(data_shape, 2) if self.per_pixel else tuple(data_shape)
+
     def forward(self, out, event_ndims):
-        scale = self.scale.to(out.dtype).expand_as(out)
-        return Independent(Normal(out, scale, validate_args=False), event_ndims)
+        if self.per_pixel:
+            loc, raw = out.chunk(2, dim=-event_ndims)
+            scale = (raw + self.log_scale).exp().clamp_min(self.min_scale)
+        else:
+            loc, scale = out, self.scale.to(out.dtype).expand_as(out)
+        if self.discrete:
+            return DiscretizedGaussian(loc, scale, event_ndims)
+        return Independent(Normal(loc, scale, validate_args=False), event_ndims)
+
+
+def bins(value: torch.Tensor) -> torch.Tensor:
+    """[0, 1]-scaled 8-bit values -> their integer values 0..255 (as floats)."""
+    return (value * (LEVELS - 1)).round().clamp(0, LEVELS - 1)
+
+
+def log_bin_mass(log_cdf_upper: torch.Tensor, log_sf_lower: torch.Tensor,
+                 log_inner: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """log P(value k): the lowest bin reaches down to -inf, the highest up to +inf, the others
+    are the inner mass. Every branch is finite, so no NaN reaches a gradient."""
+    return torch.where(k == 0, log_cdf_upper,
+                       torch.where(k == LEVELS - 1, log_sf_lower, log_inner))
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate near 0 and far from it. Each branch sees only inputs
+    from its own side, so the one not taken has no infinite gradient to turn into NaN."""
+    near = x > -math.log(2)
+    x = x.clamp_max(-1e-30)
+    return torch.where(near, torch.log(-torch.expm1(torch.where(near, x, -math.log(2)))),
+                       torch.log1p(-torch.exp(torch.where(near, -math.log(2), x))))
+
+
+class DiscreteImage(Distribution):
+    """Shared by the discrete 8-bit image distributions: batch shape and event of one example,
+    log_prob summed over the event, samples on the 8-bit grid."""
+
+    arg_constraints: dict = {}
+    support = constraints.unit_interval
+    has_rsample = False
+
+    def __init__(self, batch_shape, event_shape):
+        super().__init__(torch.Size(batch_shape), torch.Size(event_shape), validate_args=False)
+
+    def log_prob_per_value(self, value: torch.Tensor) -> torch.Tensor:
+        """log p of each value [..., *event_shape], or of each pixel [..., H, W] where the
+        channels are joint (`joint_channels`)."""
+        raise NotImplementedError
+
+    joint_channels = False
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        per_value = self.log_prob_per_value(value)
+        event_dims = tuple(range(-len(self.event_shape) + self.joint_channels, 0))
+        return per_value.sum(event_dims) if event_dims else per_value  # sum(()) would sum all
+
+
+class DiscretizedGaussian(DiscreteImage):
+    """N(loc, scale^2) integrated over each 8-bit value's bin (edge bins to +-inf)."""
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, event_ndims: int):
+        self.loc, self.scale = loc, scale
+        super().__init__(loc.shape[:loc.dim() - event_ndims], loc.shape[loc.dim() - event_ndims:])
+
+    def log_prob_per_value(self, value):
+        k = bins(value)
+        centred = k / (LEVELS - 1) - self.loc
+        upper, lower = (centred + HALF_BIN) / self.scale, (centred - HALF_BIN) / self.scale
+        log_ndtr = torch.special.log_ndtr
+        # Phi(upper) - Phi(lower), taken on the side of the mean where both tails are small
+        flip = lower > 0
+        hi, lo = torch.where(flip, -lower, upper), torch.where(flip, -upper, lower)
+        log_hi = log_ndtr(hi)
+        inner = log_hi + log1mexp(torch.minimum(log_ndtr(lo) - log_hi, log_hi.new_tensor(-1e-12)))
+        return log_bin_mass(log_ndtr(upper), log_ndtr(-lower), inner, k)
+
+    @property
+    def mean(self):
+        return self.loc.clamp(0, 1)
+
+    def sample(self, sample_shape=()):
+        with torch.no_grad():
+            shape = self._extended_shape(sample_shape)
+            return bins(torch.normal(self.loc.expand(shape), self.scale.expand(shape))) / (
+                LEVELS - 1)
+
+
+def log_logistic_bin(k: torch.Tensor, centred: torch.Tensor, log_scale: torch.Tensor):
+    """log P(value k) of a logistic discretized into 8-bit bins. With a = (c + h) / s and
+    b = (c - h) / s: sigmoid(a) - sigmoid(b) = sigmoid(a) sigmoid(-b) (1 - exp(b - a)), whose
+    log is exact and finite for every a > b (PixelCNN++ falls back to the density there)."""
+    inv_scale = torch.exp(-log_scale)
+    upper, lower = inv_scale * (centred + HALF_BIN), inv_scale * (centred - HALF_BIN)
+    inner = F.logsigmoid(upper) + F.logsigmoid(-lower) + log1mexp(-2 * HALF_BIN * inv_scale)
+    return log_bin_mass(F.logsigmoid(upper), F.logsigmoid(-lower), inner, k)
+
+
+def coupling_pairs(channels: int) -> list[tuple[int, int]]:
+    """(c, j) with j < c: channel c's mean moves with the value of channel j (PixelCNN++'s
+    dependencies within a pixel: G on R, B on R and G)."""
+    return [(c, j) for c in range(channels) for j in range(c)]
+
+
+class DiscretizedLogisticMixture(DiscreteImage):
+    """A mixture of K discretized logistics per pixel, whose channels depend on each other
+    within a component as in PixelCNN++ (Salimans et al., 2017) and NVAE: channel c's mean is
+    mu_c + sum_{j<c} alpha_cj x_j. `params` [..., K, 1 + 2C + C(C-1)/2, H, W]: the mixture
+    logit, C means, C log scales and the coupling coefficients (tanh) of each component."""
+
+    joint_channels = True
+
+    def __init__(self, params: torch.Tensor, channels: int, min_log_scale: float):
+        self.channels = channels
+        self.logits = params[..., 0, :, :]  # [..., K, H, W]
+        self.loc = params[..., 1:1 + channels, :, :]  # [..., K, C, H, W]
+        self.log_scale = params[..., 1 + channels:1 + 2 * channels, :, :].clamp_min(min_log_scale)
+        self.coeffs = torch.tanh(params[..., 1 + 2 * channels:, :, :])
+        batch = params.shape[:-4]
+        super().__init__(batch, (channels, *params.shape[-2:]))
+
+    def coupled_loc(self, x: torch.Tensor) -> torch.Tensor:
+        """Each component's means given the pixel's values x [..., 1, C, H, W]."""
+        loc = list(self.loc.expand(torch.broadcast_shapes(self.loc.shape, x.shape)).unbind(-3))
+        for i, (c, j) in enumerate(coupling_pairs(self.channels)):
+            loc[c] = loc[c] + self.coeffs[..., i, :, :] * x[..., j, :, :]
+        return torch.stack(loc, -3)
+
+    def log_prob_per_value(self, value):
+        k = bins(value).unsqueeze(-4)  # [..., 1, C, H, W], against K components
+        centred = k / (LEVELS - 1) - self.coupled_loc(k / (LEVELS - 1))
+        per_channel = log_logistic_bin(k, centred, self.log_scale).sum(-3)  # [..., K, H, W]
+        return torch.logsumexp(per_channel + F.log_softmax(self.logits, -3), -3)
+
+    @property
+    def mean(self):
+        """Each component's expected pixel (channels in order, each at the previous channels'
+        expected values), weighted by the component's probability and clipped to [0, 1]."""
+        expected = self.loc.clone()
+        for i, (c, j) in enumerate(coupling_pairs(self.channels)):
+            expected[..., c, :, :] += self.coeffs[..., i, :, :] * expected[..., j, :, :]
+        weights = F.softmax(self.logits, -3).unsqueeze(-3)
+        return (weights * expected.clamp(0, 1)).sum(-4).clamp(0, 1)
+
+    def sample(self, sample_shape=()):
+        """A component per pixel, then its channels in order, each a logistic draw rounded to
+        the 8-bit grid that the next channel's mean depends on."""
+        with torch.no_grad():
+            shape = torch.Size(sample_shape) + self.logits.shape
+            gumbel = -torch.log(-torch.log(torch.rand(shape, device=self.logits.device)
+                                           .clamp(1e-10, 1 - 1e-10)))
+            pick = F.one_hot((self.logits + gumbel).argmax(-3), shape[-3]).movedim(-1, -3)
+            pick = pick.unsqueeze(-3).to(self.loc.dtype)  # [..., K, 1, H, W]
+            loc, log_scale = (pick * self.loc).sum(-4), (pick * self.log_scale).sum(-4)
+            coeffs = (pick * self.coeffs).sum(-4) if self.coeffs.shape[-3] else None
+            u = torch.rand(loc.shape, device=loc.device).clamp(1e-5, 1 - 1e-5)
+            noise = log_scale.exp() * (torch.log(u) - torch.log1p(-u))
+            x = []
+            for c in range(self.channels):
+                mean = loc[..., c, :, :]
+                for i, (cc, j) in enumerate(coupling_pairs(self.channels)):
+                    if cc == c:
+                        mean = mean + coeffs[..., i, :, :] * x[j]
+                x.append(bins(mean + noise[..., c, :, :]) / (LEVELS - 1))
+            return torch.stack(x, -3)
+
+
+class LogisticMixtureLikelihood(Likelihood):
+    """`likelihood=dlogistic`: the discretized logistic mixture of PixelCNN++ / NVAE for 8-bit
+    images [C, H, W], `components` per pixel. The decoder's means start at mid-grey and its log
+    scales at log(init_scale): a decoder's outputs start near zero."""
+
+    discrete = True
+
+    def __init__(self, components: int = 10, init_scale: float = 0.1,
+                 min_log_scale: float = -8.0):
+        super().__init__()
+        if components < 1:
+            raise BadValue(f"likelihood.components={components} must be at least 1")
+        self.components, self.min_log_scale = int(components), float(min_log_scale)
+        self.log_init_scale = math.log(init_scale)
+
+    @staticmethod
+    def features(channels: int) -> int:
+        """Outputs per component and pixel: logit, means, log scales, couplings."""
+        return 1 + 2 * channels + len(coupling_pairs(channels))
+
+    def param_shape(self, data_shape):
+        if len(data_shape) != 3:
+            raise BadValue(f"likelihood=dlogistic models images [C, H, W], got data of shape "
+                           f"{list(data_shape)}")
+        return (self.components * self.features(data_shape[0]), *data_shape[1:])
+
+    def forward(self, out, event_ndims):
+        k, (p, h, w) = self.components, out.shape[-3:]
+        params = out.reshape(*out.shape[:-3], k, p // k, h, w)
+        channels = (math.isqrt(1 + 8 * (p // k)) - 3) // 2  # from F = 1 + 2C + C(C-1)/2
+        offsets = params.new_zeros(p // k)
+        offsets[1:1 + channels] = 0.5
+        offsets[1 + channels:1 + 2 * channels] = self.log_init_scale
+        return DiscretizedLogisticMixture(params + offsets[:, None, None], channels,
+                                          self.min_log_scale)

@@ -118,11 +118,13 @@ class VAEModule(L.LightningModule):
         return self.vae.reconstruct(x, context)
 
     def _step(self, batch, stage: str) -> dict[str, torch.Tensor]:
-        """The objective on one batch; its values are summed into the epoch's means."""
-        x, y = batch
+        """The objective on one batch; its values are summed into the epoch's means. A batch of
+        corrupted data (`data.corruption`) carries what the encoder sees as a third element."""
+        x, y, *seen = batch
         context = y if self.vae.conditional else None
         self.vae.check_context(context)
-        out = self.objective(self.vae, x, context, step=self.global_step)
+        extra = {"inputs": seen[0]} if seen else {}  # an objective of one's own may not take it
+        out = self.objective(self.vae, x, context, step=self.global_step, **extra)
         values = torch.stack([v.detach().float() for v in out.values()])
         self._means(stage).update(values, len(x))
         self._keys[stage] = list(out)
@@ -164,7 +166,7 @@ class VAEModule(L.LightningModule):
         vae_optimizer.zero_grad()
         self.manual_backward(loss)
         vae_optimizer.step()
-        x, y = batch
+        x, y, *_ = batch
         adversary_loss = self.objective.adversary_loss(self.vae, x,
                                                        y if self.vae.conditional else None)
         adversary_optimizer.zero_grad()

@@ -52,18 +52,21 @@ class ELBO:
         """The KL as the loss sees it under free bits: [B, latent_dim] -> scalar."""
         return kl_per_dim.mean(0).clamp_min(self.free_bits).sum()
 
-    def terms(self, vae: VAE, x: torch.Tensor, context: torch.Tensor | None):
-        """q, K reparameterized draws z [K, B, D], their log-likelihoods [K, B], and KL [K, B]."""
-        q = vae.encode(x, context)
+    def terms(self, vae: VAE, x: torch.Tensor, context: torch.Tensor | None,
+              inputs: torch.Tensor | None = None):
+        """q, K reparameterized draws z [K, B, D], their log-likelihoods [K, B], and KL [K, B].
+        `inputs`: what the encoder sees when it is not x (a denoising VAE's corrupted x); the
+        likelihood always scores x."""
+        q = vae.encode(x if inputs is None else inputs, context)
         z = q.rsample((self.mc_samples,))
         log_px_z = vae.decode(z, context).log_prob(x)
         return q, z, log_px_z, vae.kl(q, z, context)
 
-    def estimates(self, vae: VAE, x: torch.Tensor,
-                  context: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def estimates(self, vae: VAE, x: torch.Tensor, context: torch.Tensor | None = None,
+                  inputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Everything that does not depend on the step, as one function of (vae, x, context):
         the part that `compile()` hands to torch.compile, so the schedule never recompiles."""
-        q, _, log_px_z, kl = self.terms(vae, x, context)
+        q, _, log_px_z, kl = self.terms(vae, x, context, inputs)
         kl_loss = kl.mean()
         if self.free_bits:
             per_dim = vae.kl_per_dim(q)
@@ -80,8 +83,8 @@ class ELBO:
         self._estimates = torch.compile(self.estimates, **options)
 
     def __call__(self, vae: VAE, x: torch.Tensor, context: torch.Tensor | None = None,
-                 step: int = 0) -> dict[str, torch.Tensor]:
-        est = self._estimates(vae, x, context)
+                 step: int = 0, inputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        est = self._estimates(vae, x, context, inputs)
         recon, kl = est["recon"], est["kl"]
         beta = self.beta_at(step)
         elbo = -(recon + kl)
@@ -95,16 +98,16 @@ class IWAE(ELBO):
     the ELBO are still logged from the same draws. (beta, warm-up and free bits have no meaning
     here.)"""
 
-    def estimates(self, vae: VAE, x: torch.Tensor,
-                  context: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        q, z, log_px_z, kl = self.terms(vae, x, context)
+    def estimates(self, vae: VAE, x: torch.Tensor, context: torch.Tensor | None = None,
+                  inputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        q, z, log_px_z, kl = self.terms(vae, x, context, inputs)
         log_w = log_importance_weights(vae, q, z, log_px_z, context)
         iwae = (torch.logsumexp(log_w, 0) - math.log(self.mc_samples)).mean()
         return {"recon": -log_px_z.mean(), "kl": kl.mean(), "niwae": -iwae}
 
     def __call__(self, vae: VAE, x: torch.Tensor, context: torch.Tensor | None = None,
-                 step: int = 0) -> dict[str, torch.Tensor]:
-        est = self._estimates(vae, x, context)
+                 step: int = 0, inputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        est = self._estimates(vae, x, context, inputs)
         recon, kl, niwae = est["recon"], est["kl"], est["niwae"]
         elbo = -(recon + kl)
         return {"loss": niwae, "recon": recon, "kl": kl, "elbo": elbo, "nelbo": -elbo,
@@ -121,8 +124,8 @@ class Regularized(ELBO):
         raise NotImplementedError
 
     def __call__(self, vae: VAE, x: torch.Tensor, context: torch.Tensor | None = None,
-                 step: int = 0) -> dict[str, torch.Tensor]:
-        q, z, log_px_z, kl = self.terms(vae, x, context)
+                 step: int = 0, inputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        q, z, log_px_z, kl = self.terms(vae, x, context, inputs)
         recon, kl = -log_px_z.mean(), kl.mean()
         penalty, logged = self.penalty(vae, q, z, kl, step)
         elbo = -(recon + kl)

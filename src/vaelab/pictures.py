@@ -98,7 +98,7 @@ def encode_stream(vae: VAE, batches: Iterable, n: int, thumbnails: bool = False)
     `thumbnails`, the images shrunk so that all n fit in GRID_PIXELS) are kept."""
     means, labels, thumbs, seen = [], [], [], 0
     size = tile_size(n, vae.data_shape)
-    for x, y in batches:
+    for x, y, *_ in batches:
         x, y = x[: n - seen], y[: n - seen]
         means.append(encode_means(vae, x, y).cpu())
         labels.append(y.cpu())
@@ -121,6 +121,20 @@ def reconstruction_grid(vae: VAE, x: torch.Tensor, nrow: int = 8,
     rows = []
     for start in range(0, len(x), nrow):
         rows += [fit(x[start:start + nrow], size), recon[start:start + nrow]]
+    return make_grid(torch.cat(rows), nrow=nrow, pad_value=1)
+
+
+@torch.no_grad()
+def denoising_grid(vae: VAE, clean: torch.Tensor, noisy: torch.Tensor, nrow: int = 8,
+                   labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of `nrow` noisy images, their reconstructions (the likelihood mean at the noisy
+    image's posterior mean: the denoised image) and the clean images, in turn."""
+    size = tile_size(3 * len(clean), vae.data_shape)
+    denoised = decode_means(vae, encode_means(vae, noisy, labels), context_of(vae, labels), size)
+    rows = []
+    for start in range(0, len(clean), nrow):
+        part = slice(start, start + nrow)
+        rows += [fit(noisy[part], size), denoised[part], fit(clean[part], size)]
     return make_grid(torch.cat(rows), nrow=nrow, pad_value=1)
 
 
@@ -306,7 +320,7 @@ def dimension_order(vae: VAE, batches: Iterable) -> tuple[list[int], torch.Tenso
     them; a model without a per-dimension KL (a VampPrior) is ranked by the variance of its
     posterior means instead (`activity`)."""
     kls, means = [], []
-    for x, labels in batches:
+    for x, labels, *_ in batches:
         context = context_of(vae, labels)
         for xc, c in chunks(x, context):
             q = vae.encode(xc.to(vae.device), c)

@@ -86,6 +86,15 @@ def load_data(cfg: DictConfig):
     return datamodule
 
 
+def with_corruption(cfg: DictConfig, corruption: DictConfig | None) -> DictConfig:
+    """The run's config with its data corrupted as `corruption` ({kind, strength}) says, where
+    kind is set: a model trained on clean images, tested on the noise a denoising VAE saw."""
+    if corruption is None or corruption.get("kind") is None:
+        return cfg
+    return OmegaConf.merge(cfg, {"data": {"corruption": corruption.kind,
+                                          "corruption_strength": corruption.strength}})
+
+
 def load_split(cfg: DictConfig, split: str):
     """One split (train / val / test) of the run's own DataModule."""
     datamodule = load_data(cfg)

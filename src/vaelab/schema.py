@@ -48,11 +48,18 @@ class Model(Section):
     hidden_dim: Count | None = None
     bottom_dim: Count | None = None
     channels: list[Count] | None = None
+    latent_map: Count | None = None
+    latent_dims: list[Count] | None = None
+    depth: Natural | None = None
     prior: Prior | None = None
 
 
 class Likelihood(Section):
-    scale: Positive | None = None
+    scale: Literal["global", "pixel"] | Positive | None = None
+    init_scale: Positive | None = None
+    discretized: bool | None = None
+    components: Count | None = None
+    min_log_scale: Annotated[float, Field(lt=0, allow_inf_nan=False)] | None = None
 
 
 class Objective(Section):
@@ -91,6 +98,13 @@ class Data(Section):
     source: Literal["archive", "generated"] | None = None
     test_size: Count | None = None
     memory_limit_gb: Weight | None = None
+    corruption: Literal["gaussian", "saltpepper", "mask"] | None = None
+    corruption_strength: Positive | None = None
+
+
+class Corruption(Section):
+    kind: Literal["gaussian", "saltpepper", "mask"] | None = None
+    strength: Positive | None = None
 
 
 class Trainer(Section):
@@ -163,6 +177,7 @@ class Eval(Section):
     limit: Count | None
     seed: int
     split: Literal["train", "val", "test"]
+    corruption: Corruption | None = None
 
 
 class Pictures(Section):
@@ -173,10 +188,11 @@ class Pictures(Section):
     index: Natural | None = None
     frame: Literal["prior", "posterior"] | None = None
     method: Literal["pca", "tsne"] | None = None
+    corruption: Corruption | None = None
 
 
 PictureName = Literal["samples", "reconstructions", "interpolation", "manifold", "latent_scatter",
-                      "traversals"]
+                      "traversals", "denoising"]
 PICTURES = get_args(PictureName)
 
 
@@ -192,6 +208,7 @@ class Generate(Section):
     manifold: Pictures
     latent_scatter: Pictures
     traversals: Pictures
+    denoising: Pictures | None = None
 
 
 def plain(cfg: Mapping, schema: type[BaseModel]) -> dict[str, Any]:

@@ -45,7 +45,7 @@ class Picture(L.Callback):
         kept: for pictures of a few images (see `val_means` for many)."""
         if self._batch is None:
             xs, ys, n = [], [], 0
-            for x, y in trainer.val_dataloaders:
+            for x, y, *_ in trainer.val_dataloaders:
                 xs.append(x.cpu()), ys.append(y.cpu())
                 n += len(x)
                 if n >= self.n_images:

@@ -81,7 +81,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     run, ckpt = runs.resolve(cfg.run_dir, cfg.ckpt_path)
     module, step = runs.load_module(ckpt, cfg.device)
-    run_cfg = runs.run_config(run)
+    run_cfg = runs.with_corruption(runs.run_config(run), cfg.corruption)
     sets = {cfg.split: runs.load_split(run_cfg, cfg.split)}
     ood = {k: v for k, v in cfg.ood.items() if v is not None}
     if ood:  # keys replacing the run's data config, or a whole other DataModule (`_target_`)

@@ -50,8 +50,9 @@ def generate(cfg: DictConfig) -> dict[str, Path]:
     out = Path(cfg.out_dir) if cfg.out_dir else run / "generated"
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(cfg.seed)
-    needs_data = bool(set(cfg.pictures) - {"samples"})
-    dataset = runs.load_split(runs.run_config(run), cfg.split) if needs_data else None
+    needs_data = bool(set(cfg.pictures) - {"samples", "denoising"})
+    run_cfg = runs.run_config(run)
+    dataset = runs.load_split(run_cfg, cfg.split) if needs_data else None
     written: dict[str, Path] = {}
 
     def save(name: str, picture) -> None:
@@ -67,8 +68,16 @@ def generate(cfg: DictConfig) -> dict[str, Path]:
     if "samples" in cfg.pictures:
         save("samples", pictures.sample_grid(vae, cfg.samples.n, cfg.nrow, cfg.seed, cfg.label))
     if "reconstructions" in cfg.pictures:
-        x, y = runs.take(dataset, range(min(cfg.reconstructions.n, len(dataset))))
+        x, y, *_ = runs.take(dataset, range(min(cfg.reconstructions.n, len(dataset))))
         save("reconstructions", pictures.reconstruction_grid(vae, x.to(device), cfg.nrow, y))
+    if "denoising" in cfg.pictures:
+        noisy = runs.load_split(runs.with_corruption(run_cfg, cfg.denoising.corruption), cfg.split)
+        batch = runs.take(noisy, range(min(cfg.denoising.n, len(noisy))))
+        if len(batch) < 3:
+            raise BadValue("pictures=[denoising] needs corrupted images: this run's data has no "
+                           "data.corruption; give one, e.g. denoising.corruption.kind=gaussian")
+        x, y, seen = batch
+        save("denoising", pictures.denoising_grid(vae, x.to(device), seen.to(device), cfg.nrow, y))
     if "interpolation" in cfg.pictures:
         spec = cfg.interpolation
         if spec.images:
@@ -76,7 +85,8 @@ def generate(cfg: DictConfig) -> dict[str, Path]:
             ya = yb = None if cfg.label is None else torch.tensor([int(cfg.label)])
         else:
             pairs = torch.as_tensor(list(spec.indices))
-            (a, ya), (b, yb) = runs.take(dataset, pairs[:, 0]), runs.take(dataset, pairs[:, 1])
+            (a, ya, *_), (b, yb, *_) = (runs.take(dataset, pairs[:, 0]),
+                                        runs.take(dataset, pairs[:, 1]))
         save("interpolation",
              pictures.interpolation_grid(vae, a.to(device), b.to(device), spec.steps, ya, yb))
     if "manifold" in cfg.pictures or "latent_scatter" in cfg.pictures:
@@ -94,7 +104,7 @@ def generate(cfg: DictConfig) -> dict[str, Path]:
         save("manifold", pictures.manifold_figure(images, columns, rows, dims, title))
     if "traversals" in cfg.pictures:
         spec = cfg.traversals
-        def labelled(x, y):  # a conditional model's context: the images' classes, or `label`
+        def labelled(x, y, *_):  # a conditional model's context: the images' classes, or `label`
             if not vae.conditional:
                 return x, None
             return x, y if cfg.label is None else torch.full_like(y, int(cfg.label))

@@ -132,8 +132,11 @@ class ImageFolderDataModule(TensorDataModule):
         num_workers: int = 0,
         seed: int = 0,
         on_device: bool = True,
+        corruption: str | None = None,
+        corruption_strength: float = 0.25,
     ):
-        super().__init__(batch_size, eval_batch_size, num_workers, seed, on_device)
+        super().__init__(batch_size, eval_batch_size, num_workers, seed, on_device, corruption,
+                         corruption_strength)
         if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1
                 and val_fraction + test_fraction < 1):
             raise BadValue(f"data.val_fraction + data.test_fraction must leave training "
@@ -245,7 +248,7 @@ class ImageFolderDataModule(TensorDataModule):
         in_memory = images.nbytes <= self.memory_limit
         tensor = torch.from_numpy(np.array(images) if in_memory else images)
         label_tensor = torch.tensor(labels)
-        for split in SPLITS:
+        for i, split in enumerate(SPLITS):
             keep = torch.from_numpy(np.flatnonzero(ok & (np.array(splits) == split)))
             if split == "train" and len(keep) == 0:
                 raise BadValue(
@@ -253,8 +256,10 @@ class ImageFolderDataModule(TensorDataModule):
                     f"into the training split (the seeded split sends each file to val with "
                     f"probability data.val_fraction={self.fractions[0]} and to test with "
                     f"data.test_fraction={self.fractions[1]}); add images, or set both to 0")
-            data = TensorImages(tensor[keep], label_tensor[keep]) if in_memory else \
-                TensorImages(tensor, label_tensor, rows=keep)
+            noise = {"corruption": self.corruption, "fresh_noise": split == "train",
+                     "seed": self.seed + i}
+            data = TensorImages(tensor[keep], label_tensor[keep], **noise) if in_memory else \
+                TensorImages(tensor, label_tensor, rows=keep, **noise)
             if in_memory:
                 self.place(data)
             setattr(self, f"{split}_set", data)

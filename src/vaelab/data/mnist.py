@@ -75,8 +75,11 @@ class MNISTDataModule(TensorDataModule):
         num_workers: int = 0,
         seed: int = 0,
         on_device: bool = True,
+        corruption: str | None = None,
+        corruption_strength: float = 0.25,
     ):
-        super().__init__(batch_size, eval_batch_size, num_workers, seed, on_device)
+        super().__init__(batch_size, eval_batch_size, num_workers, seed, on_device, corruption,
+                         corruption_strength)
         if dataset not in DATASETS:
             raise BadValue(f"data.dataset={dataset!r} is unknown; choose one of {list(DATASETS)}")
         self.dataset_class = DATASETS[dataset]
@@ -127,8 +130,10 @@ class MNISTDataModule(TensorDataModule):
         dynamic = self.binarize == "dynamic"
         eval_binarize = "static" if dynamic else self.binarize
         self.train_set = TensorImages(images[train_idx], labels[train_idx], self.binarize,
-                                      self.seed)
-        self.val_set = TensorImages(images[val_idx], labels[val_idx], eval_binarize, self.seed + 1)
+                                      self.seed, corruption=self.corruption)
+        fixed = {"corruption": self.corruption, "fresh_noise": False}
+        self.val_set = TensorImages(images[val_idx], labels[val_idx], eval_binarize, self.seed + 1,
+                                    **fixed)
         self.test_set = TensorImages(test.data.unsqueeze(1), test.targets, eval_binarize,
-                                     self.seed + 2)
+                                     self.seed + 2, **fixed)
         self.place(self.train_set, self.val_set, self.test_set)  # 55 MB: fits on any GPU

@@ -8,6 +8,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from vaelab.data.corruption import Corruption, from_config
+
 
 class TensorImages(Dataset):
     """uint8 images [N, C, H, W] and labels [N], served as float in [0, 1] with their labels.
@@ -15,10 +17,15 @@ class TensorImages(Dataset):
     binarize: `none` keeps intensities; `static` draws x ~ Bernoulli(intensity) once (seeded) so
     every epoch sees the same binary image; `dynamic` draws afresh every time an image is served
     (the likelihood literature's convention for training).
+
+    corruption: each image is served with its corrupted copy, what a denoising VAE's encoder
+    sees (x, label, seen): freshly drawn each time when `fresh_noise` (training), else one
+    seeded draw per image (validation, test). Both are 8-bit images, as the clean ones are.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, binarize: str = "none",
-                 seed: int = 0, rows: torch.Tensor | None = None):
+                 seed: int = 0, rows: torch.Tensor | None = None,
+                 corruption: Corruption | None = None, fresh_noise: bool = True):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"expected uint8 images [N, C, H, W], got {images.dtype} "
                              f"{list(images.shape)}")
@@ -29,28 +36,41 @@ class TensorImages(Dataset):
             generator = torch.Generator().manual_seed(seed)
             self.images = torch.bernoulli(images.float() / 255, generator=generator).to(torch.uint8)
             self.images.mul_(255)
+        self.corruption, self.seen = corruption, None
+        if corruption is not None and not fresh_noise:
+            clean = self.images if rows is None else self.images[rows]
+            generator = torch.Generator().manual_seed(seed + 1000)
+            self.seen = eight_bit(corruption(clean.float() / 255, generator))
 
     def to(self, device) -> "TensorImages":
         """Keep the whole split on `device` (a GPU): batches are then sliced there."""
         self.images, self.labels = self.images.to(device), self.labels.to(device)
         self.rows = None if self.rows is None else self.rows.to(device)
+        self.seen = None if self.seen is None else self.seen.to(device)
         return self
 
     def __len__(self) -> int:
         return len(self.images) if self.rows is None else len(self.rows)
 
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.as_tensor(indices, device=self.images.device)
-        if self.rows is not None:
-            index = self.rows[index]
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+        position = torch.as_tensor(indices, device=self.images.device)
+        index = position if self.rows is None else self.rows[position]
         x = self.images[index].float().div_(255)
         if self.binarize == "dynamic":
             x = torch.bernoulli(x)
-        return x, self.labels[index]
+        if self.corruption is None:
+            return x, self.labels[index]
+        if self.seen is not None:
+            return x, self.labels[index], self.seen[position].float().div_(255)
+        return x, self.labels[index], eight_bit(self.corruption(x)).float().div_(255)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.__getitems__([i])
-        return x[0], y[0]
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        return tuple(part[0] for part in self.__getitems__([i]))
+
+
+def eight_bit(x: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] as uint8 levels."""
+    return x.mul(255).round_().to(torch.uint8)
 
 
 def keep_batch(batch):
@@ -65,11 +85,13 @@ class TensorDataModule(L.LightningDataModule):
     training on a GPU, the splits kept there."""
 
     def __init__(self, batch_size: int, eval_batch_size: int | None, num_workers: int,
-                 seed: int, on_device: bool):
+                 seed: int, on_device: bool, corruption: str | None = None,
+                 corruption_strength: float = 0.25):
         super().__init__()
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.seed, self.on_device = num_workers, seed, on_device
         self.shuffle_generator = torch.Generator().manual_seed(seed)
+        self.corruption = from_config(corruption, corruption_strength)
 
     def state_dict(self):
         return {"shuffle_generator": self.shuffle_generator.get_state()}

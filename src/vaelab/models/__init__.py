@@ -2,8 +2,10 @@
 
 from vaelab.models.conv import ConvVAE
 from vaelab.models.hierarchical import HierarchicalVAE
+from vaelab.models.ladder import LadderVAE
 from vaelab.models.mlp import MLPVAE
 from vaelab.models.priors import StandardNormal, VampPrior
 from vaelab.models.vae import VAE
 
-__all__ = ["VAE", "MLPVAE", "ConvVAE", "HierarchicalVAE", "StandardNormal", "VampPrior"]
+__all__ = ["VAE", "MLPVAE", "ConvVAE", "HierarchicalVAE", "LadderVAE",
+           "StandardNormal", "VampPrior"]

@@ -6,6 +6,11 @@ Decoder: dense to the smallest feature map -> stride-2 transposed convs (64, 32)
 data value; initialized as Keras does. Any channel count and any image size work: each transposed
 conv's output padding is chosen so the decoder retraces the encoder's sizes (28 -> 14 -> 7 -> 14
 -> 28).
+
+`latent_map=S` keeps the latents on a grid instead: the encoder stops downsampling at a map of at
+most S x S and gives `latent_dim` channels there (64 px, S=8: 16 x 8 x 8 = 1,024 latents), which
+the decoder upsamples from without a dense layer. Each latent then describes one patch: what an
+8-bit likelihood needs to place edges and colours, where one vector of 16 gives blurred blobs.
 """
 
 from collections.abc import Sequence
@@ -48,6 +53,7 @@ class ConvVAE(VAE):
         base_channels: int = 32,
         max_channels: int = 256,
         channels_last: bool = True,
+        latent_map: int | None = None,
         conditional: bool = False,
         num_classes: int | None = None,
         prior=None,
@@ -55,9 +61,13 @@ class ConvVAE(VAE):
         if len(data_shape) != 3:
             raise BadValue(f"model=conv needs images shaped [C, H, W], got {list(data_shape)}")
         c_in, height, width = data_shape
+        if latent_map is not None and conditional:
+            raise BadValue("model.latent_map keeps the latents on a grid, where a class label has "
+                           "no place yet: use latent_map=null with model.conditional=true")
         if channels is None:  # derived from the image: 28 -> [32, 64], 64 -> [32, 64, 128, 256]
+            smallest = 7 if latent_map is None else latent_map
             channels = [min(base_channels * 2**i, max_channels)
-                        for i in range(max(1, stages_for(max(height, width))))]
+                        for i in range(max(1, stages_for(max(height, width), smallest)))]
         if not channels:
             raise BadValue("model.channels must list at least one conv width, e.g. [32, 64]")
         act = activation_class(activation)
@@ -74,11 +84,20 @@ class ConvVAE(VAE):
         down: list[nn.Module] = []
         for a, b in zip(widths[:-1], widths[1:], strict=True):
             down += [nn.Conv2d(a, b, 3, stride=2, padding=1), *norm(b), act()]
-        encoder = Conditioned(
-            nn.Sequential(*down, nn.Flatten()),
-            nn.Sequential(nn.Linear(flat + c, hidden_dim), act(),
-                          nn.Linear(hidden_dim, 2 * latent_dim)),
-        )
+        grid = (latent_dim, hs[-1], ws[-1])
+        if latent_map is None:  # a latent vector, through a dense layer
+            encoder = Conditioned(
+                nn.Sequential(*down, nn.Flatten()),
+                nn.Sequential(nn.Linear(flat + c, hidden_dim), act(),
+                              nn.Linear(hidden_dim, 2 * latent_dim)),
+            )
+            top = [nn.Linear(latent_dim + c, flat), act(),
+                   nn.Unflatten(1, (channels[-1], hs[-1], ws[-1]))]
+        else:  # latent_dim channels on the smallest feature map: all means, then all log vars
+            encoder = nn.Sequential(*down, nn.Conv2d(channels[-1], 2 * latent_dim, 3, padding=1),
+                                    nn.Flatten())
+            top = [nn.Unflatten(1, grid), nn.Conv2d(latent_dim, channels[-1], 3, padding=1),
+                   *norm(channels[-1]), act()]
 
         up: list[nn.Module] = []
         rev = list(reversed(channels))  # the Keras decoder: 64 -> 64 -> 32 -> data channels
@@ -88,11 +107,11 @@ class ConvVAE(VAE):
             up += [nn.ConvTranspose2d(rev[max(i - 1, 0)], rev[i], 3, stride=2, padding=1,
                                       output_padding=pad), *norm(rev[i]), act()]
         decoder = nn.Sequential(
-            nn.Linear(latent_dim + c, flat), act(),
-            nn.Unflatten(1, (channels[-1], hs[-1], ws[-1])),
-            *up, nn.Conv2d(channels[0], c_in, 3, padding=1),
+            *top, *up, nn.Conv2d(channels[0], likelihood.param_shape(data_shape)[0], 3, padding=1),
         )
-        super().__init__(encoder, decoder, likelihood, latent_dim, data_shape, prior, classes)
+        latents = latent_dim if latent_map is None else latent_dim * hs[-1] * ws[-1]
+        super().__init__(encoder, decoder, likelihood, latents, data_shape, prior, classes)
+        self.latent_channels = None if latent_map is None else latent_dim
         # Keras' defaults (Glorot-uniform weights, zero biases): with PyTorch's defaults the 2-D
         # model sat in posterior collapse for 3 MNIST epochs (val KL 0.0); with these, KL is 5.4
         # after the first epoch and val loss 171 after the second (206.6 before).

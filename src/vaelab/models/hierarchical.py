@@ -89,7 +89,8 @@ class HierarchicalVAE(VAE):
         act = activation_class(activation)
         n_in, hidden, top = math.prod(data_shape), list(hidden_dims), list(top_hidden_dims)
         encoder = nn.Sequential(nn.Flatten(), mlp([n_in, *hidden, 2 * bottom_dim], act))
-        decoder = mlp([bottom_dim, *reversed(hidden), n_in], act)
+        n_out = math.prod(likelihood.param_shape(data_shape))
+        decoder = mlp([bottom_dim, *reversed(hidden), n_out], act)
         super().__init__(encoder, decoder, likelihood, bottom_dim + latent_dim, data_shape)
         self.bottom_dim, self.top_dim = bottom_dim, latent_dim
         self.encoder_top = mlp([bottom_dim, *top, 2 * latent_dim], act)  # q(z2|z1)

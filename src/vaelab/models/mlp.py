@@ -27,6 +27,7 @@ class MLPVAE(VAE):
         classes = conditional_classes(conditional, num_classes)
         n_in, hidden, c = math.prod(data_shape), list(hidden_dims), classes or 0
         encoder = Conditioned(nn.Flatten(), mlp([n_in + c, *hidden, 2 * latent_dim], act))
-        decoder = mlp([latent_dim + c, *reversed(hidden), n_in], act)
+        n_out = math.prod(likelihood.param_shape(data_shape))
+        decoder = mlp([latent_dim + c, *reversed(hidden), n_out], act)
         super().__init__(encoder, decoder, likelihood, latent_dim, data_shape, prior, classes)
 

@@ -178,8 +178,9 @@ class VAE(nn.Module):
         c = self.one_hot(context)
         if c is not None:
             z = torch.cat([z, c.to(z.dtype).expand(*batch, c.shape[-1])], -1)
-        out = self.decoder(z.reshape(-1, z.shape[-1])).reshape(*batch, *self.data_shape)
-        return self.likelihood(out, len(self.data_shape))
+        out = self.decoder(z.reshape(-1, z.shape[-1]))
+        return self.likelihood(out.reshape(*batch, *self.likelihood.param_shape(self.data_shape)),
+                               len(self.data_shape))
 
     def prior(self, context: torch.Tensor | None = None) -> Distribution:
         """p(z), event shape [latent_dim]."""
@@ -201,6 +202,17 @@ class VAE(nn.Module):
         if per_dim is not None:
             return per_dim.sum(-1).expand(z.shape[:-1])
         return q.log_prob(z) - self.prior(context).log_prob(z)
+
+    @property
+    def layer_sizes(self) -> list[int]:
+        """The sizes of the latent vector's stochastic layers, bottom first: one layer here."""
+        return [self.latent_dim]
+
+    def kl_layers(self, q: Distribution, z: torch.Tensor,
+                  context: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Each stochastic layer's part of the KL at the draws z (bottom first), z.shape[:-1]
+        each: where upper layers collapse in a hierarchy."""
+        return [self.kl(q, z, context)]
 
     def pairwise_log_density(self, q: Distribution, z: torch.Tensor) -> torch.Tensor:
         """log q(z_i[d] | x_j) for one draw per input, z [M, D]: [M, M, D], each draw's every

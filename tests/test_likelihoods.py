@@ -1,0 +1,165 @@
+"""The discrete 8-bit likelihoods against direct float64 computations: each distribution puts
+probability 1 on the 256 values, and the mixture's log-probability is the textbook sum."""
+
+import math
+
+import pytest
+import torch
+
+from vaelab.likelihoods import (
+    LEVELS,
+    DiscretizedGaussian,
+    GaussianLikelihood,
+    LogisticMixtureLikelihood,
+)
+
+VALUES = torch.arange(LEVELS, dtype=torch.float64) / (LEVELS - 1)
+
+
+def mixture(params_per_pixel: torch.Tensor, channels: int):
+    """A DiscretizedLogisticMixture over one pixel [C, 1, 1] from params [K * F]."""
+    likelihood = LogisticMixtureLikelihood(components=params_per_pixel.shape[0] //
+                                           LogisticMixtureLikelihood.features(channels))
+    return likelihood(params_per_pixel.reshape(1, -1, 1, 1), 3)
+
+
+def direct_log_prob(params: torch.Tensor, x: torch.Tensor, channels: int) -> torch.Tensor:
+    """log sum_k pi_k prod_c P_kc(x_c), every bin a difference of two sigmoids, in float64."""
+    f = LogisticMixtureLikelihood.features(channels)
+    comps = params.reshape(-1, f)
+    weights = torch.softmax(comps[:, 0] + 0, 0)
+    total = torch.zeros((), dtype=torch.float64)
+    pairs = [(c, j) for c in range(channels) for j in range(c)]
+    for k, row in enumerate(comps):
+        loc = (row[1:1 + channels] + 0.5).clone()
+        log_s = (row[1 + channels:1 + 2 * channels] + math.log(0.1)).clamp_min(-8.0)
+        for i, (c, j) in enumerate(pairs):
+            loc[c] = loc[c] + torch.tanh(row[1 + 2 * channels + i]) * x[j]
+        p = torch.ones((), dtype=torch.float64)
+        for c in range(channels):
+            s = log_s[c].exp()
+            a, b = (x[c] + 0.5 / 255 - loc[c]) / s, (x[c] - 0.5 / 255 - loc[c]) / s
+            if b > 0:  # upper tail: (1 - sigmoid(b)) - (1 - sigmoid(a)), without cancelling
+                p = p * ((torch.sigmoid(-b) if x[c] > 0 else 1.0) -
+                         (torch.sigmoid(-a) if x[c] < 1 else 0.0))
+            else:
+                p = p * ((torch.sigmoid(a) if x[c] < 1 else 1.0) -
+                         (torch.sigmoid(b) if x[c] > 0 else 0.0))
+        total = total + weights[k] * p
+    return total.log()
+
+
+@pytest.mark.parametrize("scale", [1e-3, 0.01, 0.3, 5.0])
+@pytest.mark.parametrize("loc", [-0.5, 0.0, 0.37, 1.0, 1.8])
+def test_discretized_gaussian_puts_probability_one_on_the_256_values(loc, scale):
+    d = DiscretizedGaussian(torch.full((LEVELS,), loc, dtype=torch.float64),
+                            torch.full((LEVELS,), scale, dtype=torch.float64), 0)
+    log_p = d.log_prob(VALUES)
+    assert torch.isfinite(log_p).all()
+    assert log_p.exp().sum().item() == pytest.approx(1.0, abs=1e-9)
+    normal = torch.distributions.Normal(loc, scale)
+    inner = (normal.cdf(VALUES[100] + 0.5 / 255) - normal.cdf(VALUES[100] - 0.5 / 255)).log()
+    if inner.isfinite():
+        assert log_p[100].item() == pytest.approx(inner.item(), rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_every_logistic_component_puts_probability_one_on_the_256_values(seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(5):  # one component at a time, grey images
+        params = torch.randn(3, generator=g, dtype=torch.float64) * 2
+        d = mixture(params, 1)
+        log_p = d.log_prob(VALUES.reshape(LEVELS, 1, 1, 1))
+        assert torch.isfinite(log_p).all()
+        assert log_p.exp().sum().item() == pytest.approx(1.0, abs=1e-9)
+
+
+def test_blue_given_red_and_green_sums_to_one():
+    """One component: summed over blue's 256 values, P(r, g, b) is P(r) P(g | r), each a
+    single-channel logistic with green's mean moved by red's value."""
+    params = torch.randn(10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    r, g = 0.2, 0.6
+    x = torch.stack([torch.full((LEVELS,), r, dtype=torch.float64),
+                     torch.full((LEVELS,), g, dtype=torch.float64), VALUES], 1)
+    joint = mixture(params, 3).log_prob(x.reshape(LEVELS, 3, 1, 1)).exp().sum()
+    one = torch.full((1, 1, 1, 1), 1.0, dtype=torch.float64)
+    red = mixture(torch.stack([params[0], params[1], params[4]]), 1).log_prob(one * r)
+    green_mean = params[2] + torch.tanh(params[7]) * r
+    green = mixture(torch.stack([params[0], green_mean, params[5]]), 1).log_prob(one * g)
+    assert joint.item() == pytest.approx((red + green).exp().item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("channels,components", [(1, 1), (1, 4), (3, 1), (3, 5)])
+def test_mixture_log_prob_matches_a_direct_float64_computation(channels, components):
+    g = torch.Generator().manual_seed(channels * 10 + components)
+    f = LogisticMixtureLikelihood.features(channels)
+    for _ in range(6):
+        params = torch.randn(components * f, generator=g, dtype=torch.float64) * 1.5
+        x = torch.randint(0, LEVELS, (channels,), generator=g).double() / 255
+        x[0] = [0.0, 1.0, x[0].item()][int(torch.randint(3, (1,), generator=g))]  # edge bins
+        got = mixture(params, channels).log_prob(x.reshape(1, channels, 1, 1))
+        assert got.item() == pytest.approx(direct_log_prob(params, x, channels).item(),
+                                           rel=1e-9, abs=1e-9)
+
+
+def test_mixture_is_stable_far_in_the_tails_and_for_tiny_scales():
+    """A component whose mean lies far from the value, or whose scale is far below a bin, still
+    gives a finite log-probability and gradient (PixelCNN++ needs a fallback there)."""
+    params = torch.tensor([0.0, 30.0, -20.0], dtype=torch.float64, requires_grad=True)
+    d = mixture(params, 1)
+    log_p = d.log_prob(torch.full((1, 1, 1, 1), 0.5, dtype=torch.float64))
+    log_p.backward()
+    assert torch.isfinite(log_p).all() and torch.isfinite(params.grad).all()
+    assert log_p.item() < -1000  # the value is thousands of scales from the mean
+    wide = torch.tensor([0.0, 0.0, 60.0], dtype=torch.float64, requires_grad=True)  # e^58 wide
+    mixture(wide.float(), 1).log_prob(torch.full((1, 1, 1, 1), 0.5)).backward()
+    assert torch.isfinite(wide.grad).all()
+    sharp = mixture(torch.tensor([0.0, 128 / 255 - 0.5, -20.0], dtype=torch.float64), 1)
+    assert sharp.log_prob(torch.full((1, 1, 1, 1), 128 / 255, dtype=torch.float64)).item() == \
+        pytest.approx(math.log(2 * torch.sigmoid(torch.tensor(0.5 / 255 / math.exp(-8.0))).item()
+                               - 1), rel=1e-6)  # the smallest scale, e^-8: 99.4% in the bin
+
+
+def test_mixture_mean_and_samples_follow_the_components():
+    """Two components at 0.2 and 0.8 with weights 1:3: the mean is 0.65; samples land on the
+    8-bit grid, near the centres, in about those proportions."""
+    params = torch.tensor([[0.0, 0.2 - 0.5, math.log(0.01 / 0.1)],
+                           [math.log(3), 0.8 - 0.5, math.log(0.01 / 0.1)]]).reshape(1, 6, 1, 1)
+    d = LogisticMixtureLikelihood(components=2)(params.expand(1, 6, 40, 50).contiguous(), 3)
+    assert d.mean.shape == (1, 1, 40, 50)
+    assert d.mean.mean().item() == pytest.approx(0.65, abs=1e-5)
+    torch.manual_seed(0)
+    x = d.sample()
+    assert x.shape == (1, 1, 40, 50)
+    assert torch.equal(x, (x * 255).round() / 255)
+    high = (x > 0.5).float().mean().item()
+    assert high == pytest.approx(0.75, abs=0.05)
+    assert (x - torch.where(x > 0.5, 0.8, 0.2)).abs().max().item() < 0.2
+
+
+def test_rgb_samples_follow_the_channel_coupling():
+    """Green's mean is red's value (alpha = tanh(atanh(0.999)) ~ 1): green follows red's draw."""
+    f = LogisticMixtureLikelihood.features(3)
+    row = torch.zeros(f)
+    row[4:7] = math.log(0.001 / 0.1)        # sharp green and blue
+    row[4] = math.log(0.2 / 0.1)            # red widely spread around 0.5
+    row[2] = -0.5                           # green's own mean 0 (offset +0.5): all from red
+    row[7] = math.atanh(0.999)              # green on red
+    d = LogisticMixtureLikelihood(components=1)(row.reshape(1, f, 1, 1).expand(1, f, 30, 30), 3)
+    torch.manual_seed(0)
+    x = d.sample()
+    assert x[:, 0].std() > 0.1
+    assert (x[:, 1] - x[:, 0].clamp(0, 1)).abs().max() < 0.02
+
+
+def test_gaussian_per_pixel_scale_and_the_legacy_scale():
+    per_pixel = GaussianLikelihood(scale="pixel", discretized=True)
+    assert per_pixel.discrete and per_pixel.param_shape((3, 8, 8)) == (6, 8, 8)
+    out = torch.zeros(2, 6, 8, 8)
+    out[:, 3:] = torch.linspace(-3, 3, 8)  # the decoder's log scale offsets, per pixel
+    d = per_pixel(out, 3)
+    assert d.scale[0, 0, 0, 0] < d.scale[0, 0, 0, -1]
+    assert d.log_prob(torch.zeros(2, 3, 8, 8)).shape == (2,)
+    legacy = GaussianLikelihood(scale=0.3)  # a checkpoint's likelihood from before init_scale
+    assert not legacy.discrete and legacy.scale.item() == pytest.approx(0.3)
+    assert isinstance(legacy.log_scale, torch.nn.Parameter)
