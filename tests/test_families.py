@@ -215,7 +215,9 @@ def test_each_family_trains_evaluates_and_draws_every_picture(compose_train, tmp
     if model == "hvae":
         extra = ["model.bottom_dim=6", "model.hidden_dims=[32]", "model.top_hidden_dims=[16]"]
     if model == "lvae":
-        extra = ["model.latent_dims=[8,6]", "model.hidden_dims=[32,16,8]"]
+        # layer stats and pictures due every 5 epochs: drawn after the last (the only) one
+        extra = ["model.latent_dims=[8,6]", "model.hidden_dims=[32,16,8]",
+                 "pictures_every_n_epochs=5"]
     cfg = compose_train(CPU, "trainer.max_epochs=1", f"model={model}", "latent_dim=4",
                         "objective=iwae", "mc_samples=2", *extra)
     metrics = train(cfg)

@@ -16,9 +16,9 @@ log = logging.getLogger(__name__)
 
 
 class LayerStats(L.Callback):
-    """After validation every `every_n_epochs` epochs: `layers/kl_z<i>` (nats, the mean over
-    the first `n_images` validation images of one posterior draw each) and `layers/active_z<i>`
-    (units with Cov_x(E_q[z_u]) > 0.01), i = 1 at the bottom."""
+    """After validation every `every_n_epochs` epochs and the last: `layers/kl_z<i>` (nats,
+    the mean over the first `n_images` validation images of one posterior draw each) and
+    `layers/active_z<i>` (units with Cov_x(E_q[z_u]) > 0.01), i = 1 at the bottom."""
 
     def __init__(self, every_n_epochs: int = 1, n_images: int = 1000):
         self.every_n_epochs, self.n_images = every_n_epochs, n_images
@@ -27,7 +27,9 @@ class LayerStats(L.Callback):
     def on_validation_epoch_end(self, trainer, module):
         vae = module.vae
         epoch = trainer.current_epoch + 1
-        if trainer.sanity_checking or len(vae.layer_sizes) < 2 or epoch % self.every_n_epochs:
+        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
+        due = epoch % self.every_n_epochs == 0 or last  # as the pictures: and after the last
+        if trainer.sanity_checking or len(vae.layer_sizes) < 2 or not due:
             return
         try:
             metrics = self.measure(vae, trainer.val_dataloaders)
