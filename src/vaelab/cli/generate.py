@@ -50,8 +50,9 @@ def generate(cfg: DictConfig) -> dict[str, Path]:
     out = Path(cfg.out_dir) if cfg.out_dir else run / "generated"
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(cfg.seed)
-    needs_data = bool(set(cfg.pictures) - {"samples", "denoising"})
-    run_cfg = runs.run_config(run)
+    needs_data = bool(set(cfg.pictures) - {"samples"})
+    # corrupted as the denoising picture asks (the other pictures read only the clean images)
+    run_cfg = runs.with_corruption(runs.run_config(run), cfg.denoising.corruption)
     dataset = runs.load_split(run_cfg, cfg.split) if needs_data else None
     written: dict[str, Path] = {}
 
@@ -71,8 +72,7 @@ def generate(cfg: DictConfig) -> dict[str, Path]:
         x, y, *_ = runs.take(dataset, range(min(cfg.reconstructions.n, len(dataset))))
         save("reconstructions", pictures.reconstruction_grid(vae, x.to(device), cfg.nrow, y))
     if "denoising" in cfg.pictures:
-        noisy = runs.load_split(runs.with_corruption(run_cfg, cfg.denoising.corruption), cfg.split)
-        batch = runs.take(noisy, range(min(cfg.denoising.n, len(noisy))))
+        batch = runs.take(dataset, range(min(cfg.denoising.n, len(dataset))))
         if len(batch) < 3:
             raise BadValue("pictures=[denoising] needs corrupted images: this run's data has no "
                            "data.corruption; give one, e.g. denoising.corruption.kind=gaussian")

@@ -8,15 +8,14 @@ import torch
 
 from vaelab.errors import BadValue
 
-KINDS = {
-    "gaussian": "x + strength * N(0, 1), clipped to [0, 1]",
-    "saltpepper": "a fraction `strength` of the values set to 0 or 1 (half each)",
-    "mask": "a fraction `strength` of the pixels set to 0 in every channel (masking noise)",
-}
+KINDS = ("gaussian", "saltpepper", "mask")
 
 
 class Corruption:
-    """A noise process on batches of images with values in [0, 1], shaped N x C x H x W."""
+    """A noise process on batches of images with values in [0, 1], shaped N x C x H x W:
+    `gaussian` adds strength x N(0, 1) and clips to [0, 1]; `saltpepper` sets a fraction
+    `strength` of the values to 0 or 1 (half each); `mask` sets a fraction `strength` of the
+    pixels to 0 in every channel (masking noise)."""
 
     def __init__(self, kind: str, strength: float):
         if kind not in KINDS:
@@ -26,9 +25,6 @@ class Corruption:
             raise BadValue(f"data.corruption_strength={strength} is out of range: a noise "
                            f"std > 0 for gaussian, a fraction in (0, 1) for {kind}")
         self.kind, self.strength = kind, float(strength)
-
-    def __repr__(self) -> str:
-        return f"{self.kind} ({self.strength:g})"
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         def uniform(shape):

@@ -63,18 +63,31 @@ def merge(estimate: tuple[torch.Tensor, torch.Tensor], prior: Normal) -> Normal:
 
 class LadderDistribution(Distribution):
     """A top-down chain over [z_1, ..., z_L]: the top layer's own distribution, then each lower
-    layer's given the draw above it (`below(i, z_above)`). Draws are ancestral and
-    reparameterized; `layers(z)` gives every layer's distribution at a given z, from which
-    log_prob, the KL and the per-layer numbers follow."""
+    layer's given the draw above it: the prior p(z_i | z_{i+1}) (`prior_below(i, z_above)`),
+    merged with the layer's bottom-up estimate where there are `estimates` (the posterior).
+    Draws are ancestral and reparameterized; `layers(z)` gives every layer's distribution at a
+    given z, from which log_prob, the KL and the per-layer numbers follow."""
 
     arg_constraints = {}
     support = constraints.real_vector
     has_rsample = True
 
-    def __init__(self, top: Normal, below, sizes: Sequence[int]):
-        self.top, self.below, self.sizes = top, below, list(sizes)
+    def __init__(self, top: Normal, prior_below, sizes: Sequence[int], estimates=None):
+        self.top, self.prior_below, self.sizes = top, prior_below, list(sizes)
+        self.estimates = estimates
         super().__init__(batch_shape=top.loc.shape[:-1], event_shape=torch.Size([sum(sizes)]),
                          validate_args=False)
+
+    def below(self, i: int, z_above: torch.Tensor) -> Normal:
+        return self.merged(i, z_above, self.prior_below(i, z_above))
+
+    def merged(self, i: int, z_above: torch.Tensor, prior: Normal) -> Normal:
+        """Layer i given the layer above: the prior itself, or its merge with the estimate."""
+        if self.estimates is None:
+            return prior
+        loc, var = self.estimates[i]
+        lead = z_above.shape[:-1]
+        return merge((loc.expand(*lead, -1), var.expand(*lead, -1)), prior)
 
     def _descend(self, draw) -> torch.Tensor:
         """Top-down: `draw(distribution)` at each layer, the next one built at that draw."""
@@ -98,12 +111,21 @@ class LadderDistribution(Distribution):
 
     def layers(self, z: torch.Tensor) -> list[Normal]:
         """Each layer's distribution (bottom first) at the layers above it in z."""
+        return [q for q, _ in self.layer_pairs(z)]
+
+    def layer_pairs(self, z: torch.Tensor) -> list[tuple[Normal, Normal | None]]:
+        """(this chain's layer, the prior's layer) at z, bottom first, each prior computed once;
+        the top's prior is None, N(0, I)."""
         parts = z.split(self.sizes, -1)
+        pairs = []
+        for i in range(len(self.sizes) - 1):
+            prior = self.prior_below(i, parts[i + 1])
+            pairs.append((self.merged(i, parts[i + 1], prior), prior))
         top = self.top
         if top.loc.shape != parts[-1].shape:
             top = Normal(top.loc.expand_as(parts[-1]), top.scale.expand_as(parts[-1]),
                          validate_args=False)
-        return [self.below(i, parts[i + 1]) for i in range(len(self.sizes) - 1)] + [top]
+        return [*pairs, (top, None)]
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         parts = z.split(self.sizes, -1)
@@ -166,15 +188,9 @@ class LadderVAE(VAE):
         for up, head in zip(self.up, self.estimates, strict=True):
             h = up(h)
             estimates.append(head(h))
-
-        def below(i: int, z_above: torch.Tensor) -> Normal:
-            loc, var = estimates[i]
-            return merge((loc.expand(*z_above.shape[:-1], -1),
-                          var.expand(*z_above.shape[:-1], -1)), self._down(i, z_above))
-
         top_loc, top_var = estimates[-1]
-        return LadderDistribution(Normal(top_loc, top_var.sqrt(), validate_args=False), below,
-                                  self.sizes)
+        return LadderDistribution(Normal(top_loc, top_var.sqrt(), validate_args=False),
+                                  self._down, self.sizes, estimates)
 
     def prior(self, context=None) -> Distribution:
         zero = self.prior_net.loc
@@ -191,10 +207,9 @@ class LadderVAE(VAE):
     def kl_layers(self, q: LadderDistribution, z: torch.Tensor, context=None
                   ) -> list[torch.Tensor]:
         """Each layer's KL(q(z_i | z_{i+1}, x) || p(z_i | z_{i+1})) at the draw z, bottom first:
-        the closed form given the layer above, [*z.shape[:-1]] each."""
-        p = self.prior()
-        return [normal_kl(qi, pi).sum(-1)
-                for qi, pi in zip(q.layers(z), p.layers(z), strict=True)]
+        the closed form given the layer above, [*z.shape[:-1]] each (the top's against N(0, I)).
+        The prior's nets run once per layer, shared with the posterior's merge."""
+        return [normal_kl(qi, pi).sum(-1) for qi, pi in q.layer_pairs(z)]
 
     def kl(self, q, z, context=None) -> torch.Tensor:
         return sum(self.kl_layers(q, z))
