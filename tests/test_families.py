@@ -149,6 +149,13 @@ def test_hierarchical_nll_is_within_one_nat_of_exact():
     torch.testing.assert_close(z1.mean(0), model.a, atol=0.05, rtol=0.05)
     torch.testing.assert_close(torch.cov(z1.T), model.A @ model.A.T + torch.diag(model.s1**2),
                                atol=0.1, rtol=0.05)
+    # two layers, bottom first, whose KL parts at the same draws add up to the KL
+    q = vae.encode(x)
+    z = q.sample()
+    layers = vae.kl_layers(q, z)
+    assert vae.layer_sizes == [vae.bottom_dim, vae.top_dim] and len(layers) == 2
+    torch.testing.assert_close(layers[0] + layers[1], vae.kl(q, z))
+    assert not torch.allclose(layers[0], layers[1])
 
 
 # -- the conditional VAE ------------------------------------------------------------------------

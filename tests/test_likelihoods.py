@@ -163,3 +163,25 @@ def test_gaussian_per_pixel_scale_and_the_legacy_scale():
     legacy = GaussianLikelihood(scale=0.3)  # a checkpoint's likelihood from before init_scale
     assert not legacy.discrete and legacy.scale.item() == pytest.approx(0.3)
     assert isinstance(legacy.log_scale, torch.nn.Parameter)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_codec_s_tables_are_the_chain_rule_of_the_log_probability(channels):
+    """Channel by channel, each value's table given the channels before it: the tables sum to
+    one, and the entries of the actual values add up to the pixel's log-probability."""
+    torch.manual_seed(channels)
+    likelihood = LogisticMixtureLikelihood(components=3)
+    d = likelihood(torch.randn(2, *likelihood.param_shape((channels, 4, 5)),
+                               dtype=torch.float64), 3)
+    x = torch.randint(0, LEVELS, (2, channels, 4, 5)).double() / (LEVELS - 1)
+    k = (x * (LEVELS - 1)).round().long()
+    chain = sum(d.table(x, c).gather(-1, k[:, c, ..., None])[..., 0] for c in range(channels))
+    torch.testing.assert_close(chain, d.log_prob_per_value(x))
+    torch.testing.assert_close(d.table(x, channels - 1).exp().sum(-1),
+                               torch.ones(2, 4, 5, dtype=torch.float64))
+    gaussian = GaussianLikelihood(scale="pixel", discretized=True)(
+        torch.randn(2, 2 * channels, 4, 5, dtype=torch.float64), 3)
+    table = gaussian.table(x)
+    torch.testing.assert_close(table.gather(-1, k[..., None])[..., 0],
+                               gaussian.log_prob_per_value(x))
+    torch.testing.assert_close(table.exp().sum(-1), torch.ones_like(x))

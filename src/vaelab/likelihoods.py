@@ -30,6 +30,7 @@ class Likelihood(nn.Module):
     over [0, 1]-scaled 8-bit values (bits/dim adds the bin width)."""
 
     discrete = False
+    levels = LEVELS  # the values of one data value, where `discrete` (what a codec codes)
 
     def param_shape(self, data_shape: Sequence[int]) -> tuple[int, ...]:
         """The decoder's output shape for one example: one value per data value by default."""
@@ -52,6 +53,7 @@ class BernoulliLikelihood(Likelihood):
     """
 
     discrete = True
+    levels = 2
 
     def forward(self, out, event_ndims):
         return IndependentBernoulli(out, event_ndims)
@@ -70,6 +72,11 @@ class IndependentBernoulli(Independent):
     def expand(self, batch_shape, _instance=None):
         shape = torch.Size(batch_shape) + self.event_shape
         return IndependentBernoulli(self.logits.expand(shape), self.reinterpreted_batch_ndims)
+
+    def table(self, value: torch.Tensor, channel: int | None = None) -> torch.Tensor:
+        """log P(0) and log P(1) of every value [..., *event, 2]; they are independent, so
+        `value` and `channel` do not matter."""
+        return torch.stack([F.logsigmoid(-self.logits), F.logsigmoid(self.logits)], -1)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         logits, value = torch.broadcast_tensors(self.logits, value)
@@ -163,6 +170,17 @@ class DiscreteImage(Distribution):
 
     joint_channels = False
 
+    def table(self, value: torch.Tensor, channel: int | None = None) -> torch.Tensor:
+        """log P of each of the 256 values, for every value of the example [..., *event, 256]
+        (`channel`: of that channel only [..., H, W, 256]). With `joint_channels`, a channel's
+        table is conditional on the earlier channels of `value` (what a codec decodes first);
+        here every value is independent of the others and `value` is not read."""
+        grid = torch.arange(LEVELS, device=self.mean.device, dtype=self.mean.dtype)
+        grid = (grid / (LEVELS - 1)).reshape(-1, *[1] * (len(self.batch_shape)
+                                                          + len(self.event_shape)))
+        tables = self.log_prob_per_value(grid).movedim(0, -1)
+        return tables if channel is None else tables[..., channel, :, :, :]
+
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         per_value = self.log_prob_per_value(value)
         event_dims = tuple(range(-len(self.event_shape) + self.joint_channels, 0))
@@ -244,6 +262,27 @@ class DiscretizedLogisticMixture(DiscreteImage):
         centred = k / (LEVELS - 1) - self.coupled_loc(k / (LEVELS - 1))
         per_channel = log_logistic_bin(k, centred, self.log_scale).sum(-3)  # [..., K, H, W]
         return torch.logsumexp(per_channel + F.log_softmax(self.logits, -3), -3)
+
+    def table(self, value, channel=None):
+        """log P(channel c of each pixel = k | its channels before c in `value`), k = 0..255:
+        [..., H, W, 256]. The mixture's weights given the earlier channels are each
+        component's share of their probability."""
+        if channel is None:
+            raise BadValue("a logistic mixture's channels are coded one at a time, in order")
+        k = bins(value).unsqueeze(-4)  # [..., 1, C, H, W]
+        x = k / (LEVELS - 1)
+        loc = self.coupled_loc(x)  # channel c's means read only the channels before it
+        log_weights = F.log_softmax(self.logits, -3)  # [..., K, H, W]
+        if channel:
+            earlier = slice(0, channel)
+            log_weights = log_weights + log_logistic_bin(
+                k[..., earlier, :, :], x[..., earlier, :, :] - loc[..., earlier, :, :],
+                self.log_scale[..., earlier, :, :]).sum(-3)
+        grid = torch.arange(LEVELS, device=value.device, dtype=loc.dtype)
+        centred = grid / (LEVELS - 1) - loc[..., channel, :, :, None]  # [..., K, H, W, 256]
+        per_component = log_logistic_bin(grid, centred, self.log_scale[..., channel, :, :, None])
+        log_weights = log_weights - torch.logsumexp(log_weights, -3, keepdim=True)
+        return torch.logsumexp(per_component + log_weights[..., None], -4)
 
     @property
     def mean(self):

@@ -191,6 +191,19 @@ class Pictures(Section):
     corruption: Corruption | None = None
 
 
+class Compress(Section):
+    input: str
+    precision: Annotated[int, Field(ge=4, le=20, strict=True)]
+    chunk: Count
+    limit: Count | None
+    verify: bool
+    seed: Natural
+
+
+class Decompress(Section):
+    file: str
+
+
 PictureName = Literal["samples", "reconstructions", "interpolation", "manifold", "latent_scatter",
                       "traversals", "denoising"]
 PICTURES = get_args(PictureName)

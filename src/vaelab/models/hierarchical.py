@@ -111,3 +111,15 @@ class HierarchicalVAE(VAE):
 
     def decode(self, z, context=None) -> Distribution:
         return super().decode(z[..., :self.bottom_dim])
+
+    @property
+    def layer_sizes(self) -> list[int]:
+        return [self.bottom_dim, self.top_dim]
+
+    def kl_layers(self, q: Chain, z: torch.Tensor, context=None) -> list[torch.Tensor]:
+        """Each layer's part of the Monte-Carlo KL at the draws z = [z1, z2], bottom first:
+        log q(z1|x) - log p(z1|z2) and log q(z2|z1) - log p(z2); they sum to `kl`."""
+        z1, z2 = z.split(self.layer_sizes, -1)
+        p1 = diagonal_gaussian(self.decoder_top(z2))
+        return [q.first.log_prob(z1) - p1.log_prob(z1),
+                q.then(z1).log_prob(z2) - self.prior_net(self).log_prob(z2)]
