@@ -77,7 +77,8 @@ def case(label: str, run: str, source: str, out: Path, precision: int) -> list:
     return [label, stats["images"], round(stats["bits_per_dim"], 4), round(nelbo, 4),
             round(stats["bits_per_dim"] / nelbo, 4),
             *(round(codecs[name], 3) for name in CODECS),
-            round(stats["encode_images_per_s"]), round(stats["decode_images_per_s"])]
+            round(stats["encode_images_per_s"]), round(stats["decode_images_per_s"]),
+            "yes" if stats.get("verified") else "no"]
 
 
 def main() -> None:
@@ -95,7 +96,8 @@ def main() -> None:
                 for label, run, source in args.case]
     record.write(args.name, "Lossless compression, bits per value (8-bit images; binary ones: "
                  "per pixel)", ["data", "images", "vaelab file", "model -ELBO", "file / -ELBO",
-                                *CODECS, "coding (images/s)", "decoding (images/s)"], rows,
+                                *CODECS, "coding (images/s)", "decoding (images/s)",
+                                "decoded byte for byte"], rows,
                  [f"vaelab-compress precision={args.precision}, default chunk (100 images), on "
                   f"{threads} CPU threads; the file's bits include its header, checksum and the "
                   f"seeded words the first image takes back. PNG and WebP: one file per image; "

@@ -112,7 +112,8 @@ def test_trainer_gpu_without_a_gpu_says_so(data_dir, tmp_path):
 @pytest.mark.parametrize(("script", "args"), [
     ("train", ["--help"]), ("train", ["--cfg", "job"]), ("train", ["--info"]),
     ("train", ["latent_dim=0"]), ("eval", ["--help"]), ("eval", ["nll_samples=0"]),
-    ("generate", ["--help"]), ("generate", ["samples.n=0"]), ("summarize", ["--help"])])
+    ("generate", ["--help"]), ("generate", ["samples.n=0"]), ("summarize", ["--help"]),
+    ("compress", ["--help"]), ("compress", ["precision=2"]), ("decompress", ["--help"])])
 def test_the_command_line_answers_without_importing_torch(script, args, tmp_path):
     """--help, --cfg, --info and a bad value must not wait for torch and Lightning to load."""
     code = ("import atexit, sys\n"

@@ -118,7 +118,7 @@ def test_compress_and_decompress_through_the_commands(compose_train, tmp_path):
     for name, extra in (("binary", ["data.binarize=dynamic"]), ("other", ["seed=7"]),
                         ("gaussian", ["likelihood=gaussian"])):
         path = tmp_path / name
-        cfg = compose_train("trainer.max_epochs=2", "model.hidden_dims=[32]", "latent_dim=4",
+        cfg = compose_train("trainer.max_epochs=1", "model.hidden_dims=[32]", "latent_dim=4",
                             *extra, output_dir=path)
         train(cfg)
         run_dir(cfg, path)

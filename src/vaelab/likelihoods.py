@@ -74,9 +74,9 @@ class IndependentBernoulli(Independent):
         return IndependentBernoulli(self.logits.expand(shape), self.reinterpreted_batch_ndims)
 
     def table(self, value: torch.Tensor, channel: int | None = None) -> torch.Tensor:
-        """log P(0) and log P(1) of every value [..., *event, 2]; they are independent, so
-        `value` and `channel` do not matter."""
-        return torch.stack([F.logsigmoid(-self.logits), F.logsigmoid(self.logits)], -1)
+        """P(0) and P(1) of every value [..., *event, 2]; they are independent, so `value` and
+        `channel` do not matter."""
+        return torch.stack([torch.sigmoid(-self.logits), torch.sigmoid(self.logits)], -1)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         logits, value = torch.broadcast_tensors(self.logits, value)
@@ -152,6 +152,17 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
                        torch.log1p(-torch.exp(torch.where(near, -math.log(2), x))))
 
 
+def bin_masses(t: torch.Tensor, cdf) -> torch.Tensor:
+    """The mass between consecutive standardized bin edges t [..., n + 1] (increasing) of a
+    distribution symmetric about 0 with `cdf`: [..., n]. Each comes from the smaller tail at its
+    edges, so neither side of the mean loses its precision to 1 - cdf."""
+    tail = cdf(-t.abs())
+    below, above = t[..., 1:] <= 0, t[..., :-1] > 0
+    between = tail[..., :-1] - tail[..., 1:]  # both edges above the mean; minus it: both below
+    return torch.where(above, between, torch.where(below, -between,
+                                                   1 - tail[..., :-1] - tail[..., 1:]))
+
+
 class DiscreteImage(Distribution):
     """Shared by the discrete 8-bit image distributions: batch shape and event of one example,
     log_prob summed over the event, samples on the 8-bit grid."""
@@ -171,14 +182,14 @@ class DiscreteImage(Distribution):
     joint_channels = False
 
     def table(self, value: torch.Tensor, channel: int | None = None) -> torch.Tensor:
-        """log P of each of the 256 values, for every value of the example [..., *event, 256]
+        """P of each of the 256 values, for every value of the example [..., *event, 256]
         (`channel`: of that channel only [..., H, W, 256]). With `joint_channels`, a channel's
         table is conditional on the earlier channels of `value` (what a codec decodes first);
         here every value is independent of the others and `value` is not read."""
         grid = torch.arange(LEVELS, device=self.mean.device, dtype=self.mean.dtype)
         grid = (grid / (LEVELS - 1)).reshape(-1, *[1] * (len(self.batch_shape)
                                                           + len(self.event_shape)))
-        tables = self.log_prob_per_value(grid).movedim(0, -1)
+        tables = self.log_prob_per_value(grid).movedim(0, -1).exp()
         return tables if channel is None else tables[..., channel, :, :, :]
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
@@ -264,9 +275,10 @@ class DiscretizedLogisticMixture(DiscreteImage):
         return torch.logsumexp(per_channel + F.log_softmax(self.logits, -3), -3)
 
     def table(self, value, channel=None):
-        """log P(channel c of each pixel = k | its channels before c in `value`), k = 0..255:
+        """P(channel c of each pixel = k | its channels before c in `value`), k = 0..255:
         [..., H, W, 256]. The mixture's weights given the earlier channels are each
-        component's share of their probability."""
+        component's share of their probability; a component's 256 masses come from the
+        logistic's CDF at the 257 bin edges."""
         if channel is None:
             raise BadValue("a logistic mixture's channels are coded one at a time, in order")
         k = bins(value).unsqueeze(-4)  # [..., 1, C, H, W]
@@ -278,11 +290,13 @@ class DiscretizedLogisticMixture(DiscreteImage):
             log_weights = log_weights + log_logistic_bin(
                 k[..., earlier, :, :], x[..., earlier, :, :] - loc[..., earlier, :, :],
                 self.log_scale[..., earlier, :, :]).sum(-3)
-        grid = torch.arange(LEVELS, device=value.device, dtype=loc.dtype)
-        centred = grid / (LEVELS - 1) - loc[..., channel, :, :, None]  # [..., K, H, W, 256]
-        per_component = log_logistic_bin(grid, centred, self.log_scale[..., channel, :, :, None])
-        log_weights = log_weights - torch.logsumexp(log_weights, -3, keepdim=True)
-        return torch.logsumexp(per_component + log_weights[..., None], -4)
+        edges = (torch.arange(LEVELS + 1, device=value.device, dtype=loc.dtype) - 0.5) / (
+            LEVELS - 1)
+        edges[0], edges[-1] = -math.inf, math.inf
+        t = (edges - loc[..., channel, :, :, None]) * torch.exp(
+            -self.log_scale[..., channel, :, :, None])  # [..., K, H, W, 257]
+        weights = F.softmax(log_weights, -3)[..., None]
+        return (bin_masses(t, torch.sigmoid) * weights).sum(-4)
 
     @property
     def mean(self):

@@ -192,7 +192,7 @@ class Pictures(Section):
 
 
 class Compress(Section):
-    input: str
+    input: str | None
     precision: Annotated[int, Field(ge=4, le=20, strict=True)]
     chunk: Count
     limit: Count | None
@@ -201,7 +201,7 @@ class Compress(Section):
 
 
 class Decompress(Section):
-    file: str
+    file: str | None
 
 
 PictureName = Literal["samples", "reconstructions", "interpolation", "manifold", "latent_scatter",

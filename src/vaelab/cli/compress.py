@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from vaelab import schema
 from vaelab.cli import config_dir, reports_user_errors, write_atomically
+from vaelab.errors import BadValue
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,9 @@ def default_out(run: Path, source: str) -> Path:
 
 def compress(cfg: DictConfig) -> dict:
     schema.validate(cfg, schema.Compress)
+    if not cfg.input:
+        raise BadValue("give input=mnist:test (a split of MNIST or Fashion-MNIST: train, val, "
+                       "test) or input=<a folder of images>")
     import torch
 
     from vaelab import runs

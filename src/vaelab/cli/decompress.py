@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 def decompress(cfg: DictConfig) -> list[Path]:
     schema.validate(cfg, schema.Decompress)
+    if not cfg.file:
+        raise BadValue("give the file to decompress: vaelab-decompress <file> [out=<folder>]")
     import torch
 
     from vaelab import runs
