@@ -20,6 +20,7 @@ import json
 import lzma
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -63,7 +64,7 @@ def coded_images(run: str, source: str) -> np.ndarray:
 
 
 def case(label: str, run: str, source: str, out: Path, precision: int) -> list:
-    file = out / f"{label.replace(' ', '_').replace('/', '_')}.vbb"
+    file = out / f"{re.sub(r'[^A-Za-z0-9-]+', '_', label)}.vbb"  # a Hydra value: no commas
     subprocess.run([sys.executable, "-m", "vaelab.cli.compress", f"run_dir={run}",
                     f"input={source}", f"out={file}", f"precision={precision}"],
                    cwd=record.ROOT, check=True)
