@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import constriction
 import numpy as np
 import torch
-from torch.distributions import Distribution, Independent, Normal
+from torch.distributions import Distribution, Normal
 
 from vaelab.errors import BadValue
 from vaelab.likelihoods import bin_masses
+from vaelab.models.vae import independent_normal
 
 CATEGORICAL = constriction.stream.model.Categorical(perfect=False)
 # A posterior's bins span its mean +- 6 sd: the mass outside, 2e-9, is below the smallest
@@ -50,8 +51,8 @@ def check_codable(vae) -> None:
 
 def diagonal(distribution: Distribution, what: str) -> Normal:
     """The per-dimension Normal of a diagonal Gaussian, or a clear refusal."""
-    base = distribution.base_dist if isinstance(distribution, Independent) else None
-    if not isinstance(base, Normal):
+    base = independent_normal(distribution)
+    if base is None:
         raise BadValue(f"the model's {what} ({type(distribution).__name__}) is not a diagonal "
                        f"Gaussian, so its latents cannot be cut into bins per dimension (the "
                        f"VampPrior's mixture, for one); code a run with the standard prior")

@@ -77,6 +77,14 @@ def normal_kl(q: Normal, p: Normal | None = None) -> torch.Tensor:
     return 0.5 * (var_ratio + mean_term - 1 - var_ratio.log())
 
 
+def independent_normal(distribution: Distribution) -> Normal | None:
+    """The Normal of each latent dimension where `distribution` (a q(z|x) or p(z)) is a diagonal
+    Gaussian, else None (a mixture, a chain of layers): what a codec cuts into bins per
+    dimension."""
+    base = distribution.base_dist if isinstance(distribution, Independent) else distribution
+    return base if isinstance(base, Normal) else None
+
+
 def conditional_classes(conditional: bool, num_classes: int | None) -> int | None:
     """The class count a conditional model embeds (None: unconditional), checked."""
     if not conditional:
