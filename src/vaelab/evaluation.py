@@ -19,8 +19,11 @@ def importance_sampled(vae: VAE, x: torch.Tensor, samples: int, chunk: int = 50,
     log p(x) ~ logsumexp_k log w_k - log K, ELBO ~ mean_k log w_k. Draws are taken `chunk` at a
     time and folded into a running logsumexp, so memory stays at chunk x batch whatever K is.
     `inputs`: what the encoder sees (a denoising VAE's corrupted x); any proposal q gives an
-    unbiased estimate of p(x), so the bound still holds."""
+    unbiased estimate of p(x), so the bound still holds. A deterministic posterior (the VQ-VAE's
+    point mass on codes) gives the same draw every time: one is taken, and the estimate is the
+    bound log p(x|z) + log p(z)."""
     q = vae.encode(x if inputs is None else inputs, context)
+    samples = draws_needed(q, samples)
     running = torch.full((len(x),), -math.inf, device=x.device)
     sum_log_w = torch.zeros(len(x), device=x.device)
     sum_log_px_z = torch.zeros(len(x), device=x.device)
@@ -32,6 +35,11 @@ def importance_sampled(vae: VAE, x: torch.Tensor, samples: int, chunk: int = 50,
         sum_log_w += log_w.sum(0)
         sum_log_px_z += log_px_z.sum(0)
     return running - math.log(samples), sum_log_w / samples, sum_log_px_z / samples
+
+
+def draws_needed(q, samples: int) -> int:
+    """K, or 1 where every draw of q is the same."""
+    return 1 if getattr(q, "deterministic", False) else samples
 
 
 @dataclass
@@ -54,6 +62,7 @@ class Scores:
     kl_per_dim: torch.Tensor | None = None
     input_mse: torch.Tensor | None = None
     spread: float = math.nan
+    samples: int = 0
 
 
 @torch.no_grad()
@@ -61,9 +70,9 @@ def score(vae: VAE, batches, samples: int, chunk: int = 50) -> Scores:
     """Per-example NLL (importance-sampled), negative ELBO, recon, KL, posterior means; labels
     are the context of conditional models."""
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in Scores.__dataclass_fields__
-                                            if k != "spread"}
+                                            if k not in ("spread", "samples")}
     device = vae.device
-    image_sum, square_sum, n = 0.0, 0.0, 0
+    image_sum, square_sum, n, draws = 0.0, 0.0, 0, samples
     for x, y, *seen in batches:
         x, y = x.to(device), y.to(device)
         inputs = seen[0].to(device) if seen else None
@@ -71,6 +80,7 @@ def score(vae: VAE, batches, samples: int, chunk: int = 50) -> Scores:
         vae.check_context(context)
         log_px, elbo, log_px_z = importance_sampled(vae, x, samples, chunk, context, inputs)
         q = vae.encode(x if inputs is None else inputs, context)
+        draws = draws_needed(q, samples)
         per_dim = vae.kl_per_dim(q)
         # the KL as the ELBO above measured it: exact where it can be, else from the same draws
         kl = per_dim.sum(-1) if per_dim is not None else log_px_z - elbo
@@ -85,7 +95,8 @@ def score(vae: VAE, batches, samples: int, chunk: int = 50) -> Scores:
             if value is not None:
                 parts[key].append(value.cpu())
     spread = ((square_sum - (image_sum.pow(2) / n).sum()) / image_sum.numel()).item() if n else 0
-    return Scores(**{k: torch.cat(v) for k, v in parts.items() if v}, spread=spread)
+    return Scores(**{k: torch.cat(v) for k, v in parts.items() if v}, spread=spread,
+                  samples=draws)
 
 
 def active_units(means: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
@@ -121,7 +132,7 @@ def summary(scores: Scores, vae: VAE, samples: int) -> dict[str, float]:
         # only the average image, 0 for perfect reconstructions
         "eval/recon_mse_ratio": scores.recon_mse.sum().item() / scores.spread
         if scores.spread > 0 else math.nan,
-        "eval/nll_samples": samples,
+        "eval/nll_samples": scores.samples or samples,
         "eval/examples": len(scores.nll),
     }
     out["eval/psnr"] = psnr(scores.recon_mse)  # of the reconstructions, per image, averaged

@@ -72,7 +72,8 @@ class VAEModule(L.LightningModule):
         # Logged to TensorBoard's HParams tab once, with the final metrics (see training.py).
         self.save_hyperparameters(logger=False)
         # Only a conditional model is told the class count (the data's, see training.py).
-        extra = {"num_classes": num_classes} if model.get("conditional") else {}
+        labelled = model.get("conditional") or model.get("conditional_prior")
+        extra = {"num_classes": num_classes} if labelled else {}
         self.vae: VAE = instantiate(model, data_shape=list(data_shape), latent_dim=latent_dim,
                                     likelihood=instantiate(likelihood), **extra)
         self.objective = instantiate(objective)
@@ -117,16 +118,20 @@ class VAEModule(L.LightningModule):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         return self.vae.reconstruct(x, context)
 
-    def _step(self, batch, stage: str) -> dict[str, torch.Tensor]:
-        """The objective on one batch; its values are summed into the epoch's means. A batch of
-        corrupted data (`data.corruption`) carries what the encoder sees as a third element."""
+    def losses(self, batch) -> dict[str, torch.Tensor]:
+        """The objective on one batch. A batch of corrupted data (`data.corruption`) carries what
+        the encoder sees as a third element."""
         x, y, *seen = batch
         context = y if self.vae.conditional else None
         self.vae.check_context(context)
         extra = {"inputs": seen[0]} if seen else {}  # an objective of one's own may not take it
-        out = self.objective(self.vae, x, context, step=self.global_step, **extra)
+        return self.objective(self.vae, x, context, step=self.global_step, **extra)
+
+    def _step(self, batch, stage: str) -> dict[str, torch.Tensor]:
+        """`losses` on one batch, its values summed into the epoch's means."""
+        out = self.losses(batch)
         values = torch.stack([v.detach().float() for v in out.values()])
-        self._means(stage).update(values, len(x))
+        self._means(stage).update(values, len(batch[0]))
         self._keys[stage] = list(out)
         return out
 
@@ -245,7 +250,9 @@ class VAEModule(L.LightningModule):
         self._step(batch, "test")
 
     def configure_optimizers(self):
-        optimizer = instantiate(self.hparams.optimizer)(self.vae.parameters())
+        # frozen parts (a VQ-VAE's autoencoder in stage two) are left out
+        trained = [p for p in self.vae.parameters() if p.requires_grad]
+        optimizer = instantiate(self.hparams.optimizer)(trained)
         optimizers = [{"optimizer": optimizer}]
         if self.hparams.scheduler:
             spec = dict(self.hparams.scheduler)

@@ -4,8 +4,10 @@ The only required key is `loss` (what is minimized); the others are logged under
 in train, val and test: `recon` (E_q[-log p(x|z)]), `kl` (KL(q(z|x) || p(z)) as the model computes
 it, never weighted by beta nor clamped by free bits), `elbo` (the beta=1 bound, <= log p(x)),
 `nelbo` (= -elbo, the number papers report as "negative ELBO"), `beta` (the weight in use at this
-step) and, for IWAE, `niwae` (the negative importance-weighted bound). Schedules are functions of
-the optimizer step that Lightning checkpoints, so a resumed run continues them where it stopped.
+step), for IWAE, `niwae` (the negative importance-weighted bound), and a family's own training
+terms (`vae.penalties`: the VQ-VAE's commitment loss), which the loss adds. Schedules are
+functions of the optimizer step that Lightning checkpoints, so a resumed run continues them where
+it stopped.
 Everything about the latent space comes from the model (`encode`, `decode`, `kl`, `prior`).
 """
 
@@ -75,7 +77,8 @@ class ELBO:
                                f"dimension, which {type(vae).__name__} with this prior lacks; "
                                f"set objective.free_bits=0")
             kl_loss = self.free_bits_kl(per_dim)
-        return {"recon": -log_px_z.mean(), "kl": kl.mean(), "kl_loss": kl_loss}
+        return {"recon": -log_px_z.mean(), "kl": kl.mean(), "kl_loss": kl_loss,
+                **vae.penalties(q)}
 
     def compile(self, **options) -> None:
         """torch.compile the estimates (encoder, sampling, decoder, log-likelihood and KL fuse
@@ -88,8 +91,10 @@ class ELBO:
         recon, kl = est["recon"], est["kl"]
         beta = self.beta_at(step)
         elbo = -(recon + kl)
-        return {"loss": recon + beta * est["kl_loss"], "recon": recon, "kl": kl,
-                "elbo": elbo, "nelbo": -elbo, "beta": recon.new_tensor(beta)}
+        penalties = {k: v for k, v in est.items() if k not in ("recon", "kl", "kl_loss")}
+        return {"loss": recon + beta * est["kl_loss"] + sum(penalties.values()), "recon": recon,
+                "kl": kl, "elbo": elbo, "nelbo": -elbo, "beta": recon.new_tensor(beta),
+                **penalties}
 
 
 class IWAE(ELBO):
@@ -103,15 +108,16 @@ class IWAE(ELBO):
         q, z, log_px_z, kl = self.terms(vae, x, context, inputs)
         log_w = log_importance_weights(vae, q, z, log_px_z, context)
         iwae = (torch.logsumexp(log_w, 0) - math.log(self.mc_samples)).mean()
-        return {"recon": -log_px_z.mean(), "kl": kl.mean(), "niwae": -iwae}
+        return {"recon": -log_px_z.mean(), "kl": kl.mean(), "niwae": -iwae, **vae.penalties(q)}
 
     def __call__(self, vae: VAE, x: torch.Tensor, context: torch.Tensor | None = None,
                  step: int = 0, inputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         est = self._estimates(vae, x, context, inputs)
         recon, kl, niwae = est["recon"], est["kl"], est["niwae"]
         elbo = -(recon + kl)
-        return {"loss": niwae, "recon": recon, "kl": kl, "elbo": elbo, "nelbo": -elbo,
-                "niwae": niwae}
+        penalties = {k: v for k, v in est.items() if k not in ("recon", "kl", "niwae")}
+        return {"loss": niwae + sum(penalties.values()), "recon": recon, "kl": kl, "elbo": elbo,
+                "nelbo": -elbo, "niwae": niwae, **penalties}
 
 
 class Regularized(ELBO):
@@ -128,9 +134,10 @@ class Regularized(ELBO):
         q, z, log_px_z, kl = self.terms(vae, x, context, inputs)
         recon, kl = -log_px_z.mean(), kl.mean()
         penalty, logged = self.penalty(vae, q, z, kl, step)
+        penalties = vae.penalties(q)
         elbo = -(recon + kl)
-        return {"loss": recon + penalty, "recon": recon, "kl": kl, "elbo": elbo, "nelbo": -elbo,
-                **logged}
+        return {"loss": recon + penalty + sum(penalties.values()), "recon": recon, "kl": kl,
+                "elbo": elbo, "nelbo": -elbo, **logged, **penalties}
 
 
 class BetaTCVAE(Regularized):

@@ -160,6 +160,22 @@ def sample_grid(vae: VAE, n: int = 64, nrow: int = 8, seed: int = 0,
     return make_grid(decode_means(vae, z, context), nrow=nrow, pad_value=1)
 
 
+@torch.no_grad()
+def code_grid(vae: VAE, x: torch.Tensor, nrow: int = 8) -> torch.Tensor:
+    """Rows of `nrow` images, each row followed by their code maps (a model with discrete codes:
+    each code its own colour, the same colour for the same code in every image)."""
+    size = tile_size(2 * len(x), vae.data_shape)
+    palette = torch.rand(vae.codebook_size, 3, generator=torch.Generator().manual_seed(0))
+    maps = torch.cat([palette[vae.encode(xc.to(vae.device)).codes.cpu()].permute(0, 3, 1, 2)
+                      for (xc,) in chunks(x)])
+    maps = F.interpolate(maps, size=size, mode="nearest")
+    images = fit(x, size).expand(-1, 3, -1, -1)
+    rows = []
+    for start in range(0, len(x), nrow):
+        rows += [images[start:start + nrow], maps[start:start + nrow]]
+    return make_grid(torch.cat(rows), nrow=nrow, pad_value=1)
+
+
 def most_active_dims(means: torch.Tensor, k: int = 2) -> list[int]:
     """The k latent units whose posterior mean varies most over the images whose posterior means
     are `means` [N, D] (Burda et al.'s activity)."""

@@ -52,6 +52,12 @@ class Model(Section):
     latent_dims: list[Count] | None = None
     depth: Natural | None = None
     prior: Prior | None = None
+    codebook_size: Count | None = None
+    grid: Count | None = None
+    residual_blocks: Natural | None = None
+    commitment: Weight | None = None
+    decay: Annotated[float, Field(gt=0, lt=1)] | None = None
+    dead_code_threshold: Weight | None = None
 
 
 class Likelihood(Section):
@@ -171,6 +177,8 @@ class Train(Section):
 
 class Eval(Section):
     disentanglement: bool | Literal["quick"] = False
+    fid: bool = False
+    fid_samples: Count = 10000
     nll_samples: Count
     chunk: Count
     batch_size: Count
@@ -205,7 +213,7 @@ class Decompress(Section):
 
 
 PictureName = Literal["samples", "reconstructions", "interpolation", "manifold", "latent_scatter",
-                      "traversals", "denoising"]
+                      "traversals", "denoising", "uniform_samples", "code_grids"]
 PICTURES = get_args(PictureName)
 
 

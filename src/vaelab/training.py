@@ -45,9 +45,10 @@ def plain(cfg: DictConfig | None) -> Any:
     return None if cfg is None else OmegaConf.to_container(cfg, resolve=True)
 
 
-def build_module(cfg: DictConfig, datamodule) -> VAEModule:
+def build_module(cfg: DictConfig, datamodule, module_class=VAEModule) -> VAEModule:
     """The module for this config and data (its shape and, for conditional models, classes)."""
-    if cfg.model.get("conditional") and getattr(datamodule, "unlabelled", 0):
+    labelled = cfg.model.get("conditional") or cfg.model.get("conditional_prior")
+    if labelled and getattr(datamodule, "unlabelled", 0):
         raise BadValue(
             f"model.conditional=true needs a class for every image, but {datamodule.unlabelled} "
             f"images of data.path sit directly in the folder (no class): move them into class "
@@ -55,7 +56,7 @@ def build_module(cfg: DictConfig, datamodule) -> VAEModule:
     scheduler = plain(cfg.scheduler)
     if scheduler is not None:  # plateau schedulers watch the same step-free metric
         scheduler.setdefault("monitor", cfg.optimized_metric)
-    return VAEModule(model=plain(cfg.model), likelihood=plain(cfg.likelihood),
+    return module_class(model=plain(cfg.model), likelihood=plain(cfg.likelihood),
                      objective=plain(cfg.objective), optimizer=plain(cfg.optimizer),
                      scheduler=scheduler, data_shape=list(datamodule.shape),
                      latent_dim=cfg.latent_dim,
@@ -103,8 +104,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    datamodule: L.LightningDataModule = instantiate(cfg.data)
-    module = build_module(cfg, datamodule)
+    if cfg.get("vqvae_run"):  # stage two of a VQ-VAE: its prior, on the stage-one run's codes
+        from vaelab import prior_stage
+
+        cfg, datamodule, module = prior_stage.build(cfg, output_dir)
+    else:
+        datamodule = instantiate(cfg.data)
+        module = build_module(cfg, datamodule)
     compile_objective(module, compile_setting(cfg), on_cpu=not on_gpu(cfg.trainer))
     ckpt_path = resume_checkpoint(cfg.get("resume"), cfg.get("ckpt_path"))
     resume_step = None

@@ -54,10 +54,13 @@ def reports_user_errors(task: Callable) -> Callable:
     return run
 
 
-def write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, content: str | bytes) -> None:
     """A whole file or none: a process killed while writing leaves the previous one intact."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    temporary.write_text(text)
+    if isinstance(content, bytes):
+        temporary.write_bytes(content)
+    else:
+        temporary.write_text(content)
     os.replace(temporary, path)
 
 

@@ -79,6 +79,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     from vaelab import evaluation, runs
 
     torch.manual_seed(cfg.seed)
+    if cfg.fid:  # no weights, no FID: say so before the NLL's minutes, not after
+        from vaelab.sample_quality import inception_metrics
+
+        inception_metrics(2)
     run, ckpt = runs.resolve(cfg.run_dir, cfg.ckpt_path)
     module, step = runs.load_module(ckpt, cfg.device)
     run_cfg = runs.with_corruption(runs.run_config(run), cfg.corruption)
@@ -98,6 +102,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     results["eval/checkpoint"] = str(ckpt)
     if cfg.disentanglement:
         results.update(disentanglement(module.vae, run_cfg, cfg))
+    if cfg.fid:
+        from vaelab.sample_quality import fid_kid
+
+        data = sets[cfg.split]
+        n = min(cfg.fid_samples, len(data), cfg.limit or len(data))
+        batches = progress(runs.batches(data, cfg.batch_size, n),
+                           math.ceil(n / cfg.batch_size), f"{cfg.split}: FID and KID")
+        results.update(fid_kid(module.vae, batches, n, cfg.seed))
     if ood:
         for key in ("nll", "nelbo"):
             results[f"eval/auroc_{key}"] = evaluation.auroc(getattr(scores[cfg.split], key),
@@ -117,7 +129,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             if isinstance(value, float | int) and not key.startswith("eval/kl_dim_"):
                 writer.add_scalar(key, value, step)
     for key in ("eval/nll", "eval/nelbo", "eval/recon", "eval/kl", "eval/bits_per_dim",
-                "eval/active_units", "eval/auroc_nll", *(k for k in results
+                "eval/active_units", "eval/auroc_nll", "eval/fid", "eval/kid",
+                *(k for k in results
                                                          if k.startswith("disentanglement/"))):
         if key in results:
             log.info("%-18s %s", key, f"{results[key]:.4f}")

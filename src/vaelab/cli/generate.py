@@ -50,7 +50,11 @@ def generate(cfg: DictConfig) -> dict[str, Path]:
     out = Path(cfg.out_dir) if cfg.out_dir else run / "generated"
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(cfg.seed)
-    needs_data = bool(set(cfg.pictures) - {"samples"})
+    needs_data = bool(set(cfg.pictures) - {"samples", "uniform_samples"})
+    coded = {"uniform_samples", "code_grids"} & set(cfg.pictures)
+    if coded and not vae.codebook_size:
+        raise BadValue(f"pictures={sorted(coded)} are for models with discrete codes "
+                       f"(model=vqvae); this run's model has continuous latents")
     # corrupted as the denoising picture asks (the other pictures read only the clean images)
     run_cfg = runs.with_corruption(runs.run_config(run), cfg.denoising.corruption)
     dataset = runs.load_split(run_cfg, cfg.split) if needs_data else None
@@ -68,6 +72,13 @@ def generate(cfg: DictConfig) -> dict[str, Path]:
 
     if "samples" in cfg.pictures:
         save("samples", pictures.sample_grid(vae, cfg.samples.n, cfg.nrow, cfg.seed, cfg.label))
+    if "uniform_samples" in cfg.pictures:  # what the codes decode to without a learned prior
+        with vae.uniform_prior():
+            save("uniform_samples",
+                 pictures.sample_grid(vae, cfg.samples.n, cfg.nrow, cfg.seed, cfg.label))
+    if "code_grids" in cfg.pictures:
+        x, *_ = runs.take(dataset, range(min(cfg.reconstructions.n, len(dataset))))
+        save("code_grids", pictures.code_grid(vae, x.to(device), cfg.nrow))
     if "reconstructions" in cfg.pictures:
         x, y, *_ = runs.take(dataset, range(min(cfg.reconstructions.n, len(dataset))))
         save("reconstructions", pictures.reconstruction_grid(vae, x.to(device), cfg.nrow, y))

@@ -116,6 +116,8 @@ class VAE(nn.Module):
     [mean, log variance]; `decoder` maps z (concatenated with the one-hot context when
     conditional) to the likelihood's parameters."""
 
+    codebook_size: int | None = None  # discrete latents (VQ-VAE): the number of codes
+
     def __init__(
         self,
         encoder: nn.Module,
@@ -210,6 +212,11 @@ class VAE(nn.Module):
         if per_dim is not None:
             return per_dim.sum(-1).expand(z.shape[:-1])
         return q.log_prob(z) - self.prior(context).log_prob(z)
+
+    def penalties(self, q: Distribution) -> dict[str, torch.Tensor]:
+        """Training terms of the family's own that every objective adds to its loss and logs by
+        name (the VQ-VAE's commitment loss); none for a Gaussian posterior."""
+        return {}
 
     @property
     def layer_sizes(self) -> list[int]:
