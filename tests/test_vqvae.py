@@ -39,6 +39,18 @@ def small_vq(prior=None, classes=None) -> VQVAE:
                  conditional_prior=classes is not None, num_classes=classes)
 
 
+@pytest.mark.parametrize("shape, grid", [((1, 28, 28), (7, 7)), ((3, 32, 32), (8, 8)),
+                                         ((3, 64, 64), (8, 8)), ((3, 128, 128), (8, 8)),
+                                         ((1, 30, 30), (7, 7))])
+def test_the_conv_stack_retraces_every_image_size(shape, grid):
+    vae = VQVAE(shape, 4, BernoulliLikelihood(), codebook_size=8, hidden=8, residual_hidden=4,
+                residual_blocks=1)
+    x = torch.rand(2, *shape).round()
+    q = vae.encode(x)
+    assert vae.grid_shape == grid and q.codes.shape == (2, *grid)
+    assert vae.decode(q.mean).log_prob(x).shape == (2,)
+
+
 def test_pixelcnn_sees_only_the_cells_before_each_cell():
     torch.manual_seed(0)
     net = GatedPixelCNN(codebook_size=5, channels=8, layers=4, kernel=3, num_classes=3)
@@ -53,6 +65,8 @@ def test_pixelcnn_sees_only_the_cells_before_each_cell():
         if (i, j) == (2, 3):  # the cell right after it, and the one below, do see it
             assert moved[2, 4] and moved[3, 3]
     assert (net(codes, torch.tensor([2])) - base).abs().max() > 1e-6  # the label counts
+    # no row below a cell reaches it, so sampling may run the net on the rows above only
+    assert torch.allclose(net(codes[:, :3], label), base[:, :, :3], atol=1e-6)
 
 
 def test_vq_posterior_is_a_point_mass_and_its_kl_is_minus_log_prior():
@@ -75,6 +89,24 @@ def test_vq_posterior_is_a_point_mass_and_its_kl_is_minus_log_prior():
     assert out["loss"].item() == pytest.approx(parts.item())
     out["loss"].backward()  # straight-through: the decoder's gradient reaches the encoder
     assert vae.encoder[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("threshold", [0.0, 2.0])
+def test_dead_codes_restart_only_when_asked(threshold):
+    """Codes that start far from every encoder output are never chosen; restarts (a positive
+    model.dead_code_threshold) move them onto encoder outputs, so more codes come into use."""
+    torch.manual_seed(0)
+    vae = VQVAE((1, 28, 28), 4, BernoulliLikelihood(), codebook_size=32, hidden=16,
+                residual_hidden=8, residual_blocks=1, kmeans_init=False,
+                dead_code_threshold=threshold)
+    with torch.no_grad():
+        vae.quantizer._codebook.embed.mul_(0).add_(100.0)  # all codes far away ...
+        vae.quantizer._codebook.embed[0, 0] = 0.0          # ... but one
+    x = torch.rand(32, 1, 28, 28)
+    for _ in range(5):
+        vae.encode(x)
+    used = vae.eval().encode(x).codes.unique().numel()
+    assert (used > 4) == (threshold > 0), used
 
 
 def test_evaluation_of_a_point_mass_takes_one_draw_and_is_the_bound():

@@ -258,9 +258,6 @@ class VQVAE(VAE):
         return self.likelihood(out.reshape(*batch, *self.likelihood.param_shape(self.data_shape)),
                                len(self.data_shape))
 
-    def prior(self, context=None) -> Distribution:
-        return self.prior_net(self, context)
-
     def kl_per_dim(self, q):
         return None
 
@@ -281,10 +278,6 @@ class VQVAE(VAE):
         cells = math.prod(self.grid_shape)
         return per_code[:, :, None].expand(-1, -1, cells).reshape(len(levels), -1)
 
-    @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, context=None) -> torch.Tensor:
-        return self.decode(self.encode(x).mean).mean
-
     def pairwise_log_density(self, q, z):
         raise BadValue("model=vqvae's posterior is a point mass on codes; this objective needs a "
                        "Gaussian posterior (model=mlp or model=conv)")
@@ -299,12 +292,4 @@ def perplexity(counts: torch.Tensor) -> float:
     """exp(entropy) of the code usage: K when all codes are used equally, 1 for one code."""
     p = counts.double() / counts.sum().clamp_min(1)
     return math.exp(-(p * p.clamp_min(1e-30).log()).sum().item())
-
-
-def refuse_not_vq(vae: VAE, source) -> "VQVAE":
-    if not isinstance(vae, VQVAE):
-        raise BadValue(f"{source} is a {type(vae).__name__}, not a VQ-VAE: stage two learns a "
-                       f"prior over a VQ-VAE's codes (train one with model=vqvae)")
-    return vae
-
 
