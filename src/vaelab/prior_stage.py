@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vaelab import loadable, runs
+from vaelab.checkpointing import read_checkpoint
 from vaelab.cli import write_atomically
 from vaelab.data.codes import CodeDataModule
 from vaelab.errors import BadValue
@@ -86,9 +87,9 @@ def build(cfg: DictConfig, output_dir: Path):
     from vaelab.training import build_module
 
     module = build_module(cfg, images, PriorStage)
-    trained, _ = runs.load_module(ckpt)
-    weights = {k: v for k, v in trained.vae.state_dict().items()
-               if not k.startswith("prior_net.")}
+    state = read_checkpoint(ckpt)["state_dict"]  # refused if unsafe, as every checkpoint is
+    weights = {k.removeprefix("vae."): v for k, v in state.items()
+               if k.startswith("vae.") and not k.startswith("vae.prior_net.")}
     missing, unexpected = module.vae.load_state_dict(weights, strict=False)
     if unexpected or any(not k.startswith("prior_net.") for k in missing):
         raise BadValue(f"vqvae_run={cfg.vqvae_run}'s weights do not fit its own config "

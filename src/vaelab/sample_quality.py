@@ -52,10 +52,10 @@ def fid_kid(vae, batches, n: int, seed: int = 0, feature=2048) -> dict[str, floa
         x, y = x[: n - seen].to(vae.device), y[: n - seen].to(vae.device)
         context = y if vae.conditional else None
         z = vae.sample_latents(len(x), context, generator=generator)
-        fake = vae.decode(z, context).mean
+        real, fake = rgb(x), rgb(vae.decode(z, context).mean)
         for metric in (fid, kid):
-            metric.update(rgb(x), real=True)
-            metric.update(rgb(fake), real=False)
+            metric.update(real, real=True)
+            metric.update(fake, real=False)
         seen += len(x)
         if seen >= n:
             break
