@@ -109,14 +109,17 @@ def main() -> None:
     parser.add_argument("--recipe", action="append", help="train.py overrides (repeatable)")
     parser.add_argument("--source", default="", help="where the icons come from (for the note)")
     parser.add_argument("--name", default="image_density")
+    parser.add_argument("--runs", type=Path, help="keep the recipes' run dirs here (default: "
+                        "a temporary folder)")
     args = parser.parse_args()
     if args.assemble:
         assemble(args.assemble, args.icons, args.count, args.seed)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        runs = (args.runs or Path(tmp)).resolve()
         for i, overrides in enumerate(args.recipe or [""]):
             rows.append(run(overrides, args.icons.resolve(), args.split, args.epochs,
-                            args.eval_samples, Path(tmp) / str(i)))
+                            args.eval_samples, runs / str(i)))
     images = split_images(args.icons, args.split, args.size)
     for name, bits in codec_bits(images).items():
         rows.append([name, None, None, round(bits, 3), None, None])

@@ -36,6 +36,8 @@ def models():
         "bernoulli": MLPVAE((1, 8, 8), 4, BernoulliLikelihood(), hidden_dims=[32]),
         "dlogistic": ConvVAE((3, 8, 8), 2, LogisticMixtureLikelihood(3), channels=[8],
                              latent_map=4),
+        "dlogistic, local window": ConvVAE((3, 8, 8), 2, LogisticMixtureLikelihood(
+            3, context=3, hidden=8), channels=[8], latent_map=4),
         "discretized gaussian": MLPVAE((1, 6, 6), 3, GaussianLikelihood(
             scale="pixel", discretized=True), hidden_dims=[16]),
         "cvae": MLPVAE((1, 8, 8), 4, BernoulliLikelihood(), hidden_dims=[32], conditional=True,

@@ -92,6 +92,10 @@ def test_image_folders_default_to_the_conv_net_with_batch_norm(compose_train, im
     assert cfg.model._target_ == "vaelab.models.ConvVAE"
     assert (cfg.model.batch_norm, cfg.model.latent_map, cfg.data.batch_size) == (True, 16, 8)
     assert cfg.likelihood._target_ == "vaelab.likelihoods.LogisticMixtureLikelihood"
+    assert cfg.likelihood.context == 0  # the window's reconstructions are poor (image_density)
+    local = compose_train("data=image_folder", f"data.path={image_dir}",
+                          "likelihood=dlogistic_local", tiny=False)
+    assert local.likelihood.context == 5 and local.likelihood.components == 5
     chosen = compose_train("data=image_folder", f"data.path={image_dir}", "model=mlp", tiny=False)
     assert chosen.model._target_ == "vaelab.models.MLPVAE"
     products = compose_train("experiment=seed002_products", f"data.path={image_dir}", tiny=False)

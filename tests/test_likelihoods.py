@@ -11,6 +11,7 @@ from vaelab.likelihoods import (
     DiscretizedGaussian,
     GaussianLikelihood,
     LogisticMixtureLikelihood,
+    wavefronts,
 )
 
 VALUES = torch.arange(LEVELS, dtype=torch.float64) / (LEVELS - 1)
@@ -175,10 +176,10 @@ def test_a_codec_s_tables_are_the_chain_rule_of_the_log_probability(channels):
                                dtype=torch.float64), 3)
     x = torch.randint(0, LEVELS, (2, channels, 4, 5)).double() / (LEVELS - 1)
     k = (x * (LEVELS - 1)).round().long()
-    chain = sum(d.table(x, c).gather(-1, k[:, c, ..., None])[..., 0].log()
+    chain = sum(d.table(x, (c,)).gather(-1, k[:, c, ..., None])[..., 0].log()
                 for c in range(channels))
     torch.testing.assert_close(chain, d.log_prob_per_value(x))
-    torch.testing.assert_close(d.table(x, channels - 1).sum(-1),
+    torch.testing.assert_close(d.table(x, (channels - 1,)).sum(-1),
                                torch.ones(2, 4, 5, dtype=torch.float64))
     gaussian = GaussianLikelihood(scale="pixel", discretized=True)(
         torch.randn(2, 2 * channels, 4, 5, dtype=torch.float64), 3)
@@ -186,3 +187,77 @@ def test_a_codec_s_tables_are_the_chain_rule_of_the_log_probability(channels):
     torch.testing.assert_close(table.gather(-1, k[..., None])[..., 0],
                                gaussian.log_prob_per_value(x).exp())
     torch.testing.assert_close(table.sum(-1), torch.ones_like(x))
+
+
+def local_mixture(channels: int = 3, size: int = 5, shape=(9, 7), seed: int = 0):
+    """A local autoregressive mixture over two random images' worth of decoder features."""
+    torch.manual_seed(seed)
+    likelihood = LogisticMixtureLikelihood(components=3, context=size, hidden=16)
+    features = torch.randn(2, *likelihood.param_shape((channels, *shape)))
+    likelihood = likelihood.double()
+    return likelihood(features.double(), 3)
+
+
+@pytest.mark.parametrize("size", [3, 5])
+def test_a_pixel_s_window_reads_only_the_pixels_before_it(size):
+    """Flipping one pixel moves no mixture at or before it in raster order, and moves the next
+    one and the one below."""
+    d = local_mixture(size=size)
+    x = torch.randint(0, LEVELS, (2, 3, 9, 7)).double() / (LEVELS - 1)
+    flipped = x.clone()
+    flipped[:, :, 4, 3] = 1 - flipped[:, :, 4, 3]
+    moved = (d.params(x) - d.params(flipped)).abs().sum((0, 1)) > 0  # [H, W]
+    order = torch.arange(9 * 7).reshape(9, 7)
+    assert not moved[order <= order[4, 3]].any()
+    assert moved[4, 4] and moved[5, 3]
+    assert not moved[4 + size // 2 + 1:].any()  # nor beyond the window
+
+
+@pytest.mark.parametrize("height, width, size", [(9, 7, 5), (64, 64, 5), (28, 28, 3)])
+def test_wavefronts_draw_each_pixel_once_after_its_window(height, width, size):
+    fronts = wavefronts(height, width, size)
+    drawn_at = torch.full((height, width), -1)
+    for t, (rows, cols) in enumerate(fronts):
+        assert (drawn_at[rows, cols] == -1).all()
+        drawn_at[rows, cols] = t
+    assert (drawn_at >= 0).all()
+    half = size // 2
+    for i in range(height):
+        for j in range(width):
+            window = [(i - a, j + b) for a in range(1, half + 1) for b in range(-half, half + 1)]
+            window += [(i, j - b) for b in range(1, half + 1)]
+            before = [drawn_at[r, c] for r, c in window if 0 <= r < height and 0 <= c < width]
+            assert all(t < drawn_at[i, j] for t in before)
+    assert len(fronts) == width + (half + 1) * (height - 1)
+
+
+def test_the_local_mixture_s_step_tables_are_its_chain_rule():
+    """Group by group, channel by channel: each table sums to one, and the entries of the
+    actual values add up to the image's log-probability (the codec's order is the model's)."""
+    d = local_mixture()
+    x = torch.randint(0, LEVELS, (2, 3, 9, 7)).double() / (LEVELS - 1)
+    k = (x * (LEVELS - 1)).round().long()
+    chain = torch.zeros(2, dtype=torch.float64)
+    for step in d.coding_steps():
+        channel, rows, cols = step
+        table = d.table(x, step)[:, 0]  # [N, P, 256]
+        torch.testing.assert_close(table.sum(-1), torch.ones(table.shape[:-1],
+                                                             dtype=torch.float64))
+        chain += table.gather(-1, k[:, channel, rows, cols, None])[..., 0].log().sum(-1)
+    torch.testing.assert_close(chain, d.log_prob(x))
+    assert len(d.coding_steps()) == 3 * len(wavefronts(9, 7, 5))
+
+
+def test_the_local_mixture_draws_as_a_pixel_by_pixel_loop_would():
+    """The mean image group by group equals the mean drawn pixel by pixel in raster order;
+    samples lie on the 8-bit grid."""
+    d = local_mixture()
+    canvas = torch.zeros(2, 3, 9, 7, dtype=torch.float64)
+    for i in range(9):
+        for j in range(7):
+            rows, cols = torch.tensor([i]), torch.tensor([j])
+            canvas[:, :, i, j] = d.mixture_at(d.window.pad(canvas), rows, cols).mean[:, :, 0, 0]
+    torch.testing.assert_close(d.mean, canvas)
+    samples = d.sample((4,))
+    assert samples.shape == (4, 2, 3, 9, 7)
+    torch.testing.assert_close(samples * 255, (samples * 255).round())

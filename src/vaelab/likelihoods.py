@@ -33,8 +33,14 @@ class Likelihood(nn.Module):
     levels = LEVELS  # the values of one data value, where `discrete` (what a codec codes)
 
     def param_shape(self, data_shape: Sequence[int]) -> tuple[int, ...]:
-        """The decoder's output shape for one example: one value per data value by default."""
+        """The decoder's output shape for one example: one value per data value by default. A
+        likelihood with a net of its own builds it for `data_shape` here (every family asks
+        before it builds its decoder)."""
         return tuple(data_shape)
+
+    def coded_per_step(self, data_shape: Sequence[int]) -> int:
+        """The most values of one example that one step of a codec's coding order covers."""
+        return math.prod(data_shape)
 
     def forward(self, out: torch.Tensor, event_ndims: int) -> Distribution:
         raise NotImplementedError
@@ -73,9 +79,13 @@ class IndependentBernoulli(Independent):
         shape = torch.Size(batch_shape) + self.event_shape
         return IndependentBernoulli(self.logits.expand(shape), self.reinterpreted_batch_ndims)
 
-    def table(self, value: torch.Tensor, channel: int | None = None) -> torch.Tensor:
-        """P(0) and P(1) of every value [..., *event, 2]; they are independent, so `value` and
-        `channel` do not matter."""
+    def coding_steps(self) -> list[tuple]:
+        """One step: the values are independent given z."""
+        return [()]
+
+    def table(self, value: torch.Tensor, step: tuple = ()) -> torch.Tensor:
+        """P(0) and P(1) of every value [..., *event, 2]; they are independent, so `value` does
+        not matter."""
         return torch.stack([torch.sigmoid(-self.logits), torch.sigmoid(self.logits)], -1)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
@@ -181,16 +191,22 @@ class DiscreteImage(Distribution):
 
     joint_channels = False
 
-    def table(self, value: torch.Tensor, channel: int | None = None) -> torch.Tensor:
-        """P of each of the 256 values, for every value of the example [..., *event, 256]
-        (`channel`: of that channel only [..., H, W, 256]). With `joint_channels`, a channel's
-        table is conditional on the earlier channels of `value` (what a codec decodes first);
-        here every value is independent of the others and `value` is not read."""
+    def coding_steps(self) -> list[tuple]:
+        """The order a codec codes an example in, each step an index into [C, H, W] of the
+        values coded together: channel by channel where a pixel's channels depend on the ones
+        before them, else all at once."""
+        return [(c,) for c in range(self.event_shape[0])] if self.joint_channels else [()]
+
+    def table(self, value: torch.Tensor, step: tuple = ()) -> torch.Tensor:
+        """P of each of the 256 values, for every value of the step [..., *value[step], 256]
+        (step (c,): channel c [..., H, W, 256]). A step's table may read the values of the steps
+        before it in `value` (what a codec has decoded); here every value is independent of the
+        others and `value` is not read."""
         grid = torch.arange(LEVELS, device=self.mean.device, dtype=self.mean.dtype)
         grid = (grid / (LEVELS - 1)).reshape(-1, *[1] * (len(self.batch_shape)
                                                           + len(self.event_shape)))
         tables = self.log_prob_per_value(grid).movedim(0, -1).exp()
-        return tables if channel is None else tables[..., channel, :, :, :]
+        return tables if not step else tables[..., step[0], :, :, :]
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         per_value = self.log_prob_per_value(value)
@@ -274,13 +290,14 @@ class DiscretizedLogisticMixture(DiscreteImage):
         per_channel = log_logistic_bin(k, centred, self.log_scale).sum(-3)  # [..., K, H, W]
         return torch.logsumexp(per_channel + F.log_softmax(self.logits, -3), -3)
 
-    def table(self, value, channel=None):
-        """P(channel c of each pixel = k | its channels before c in `value`), k = 0..255:
-        [..., H, W, 256]. The mixture's weights given the earlier channels are each
+    def table(self, value, step=()):
+        """P(channel c of each pixel = k | its channels before c in `value`), k = 0..255, for
+        step (c,): [..., H, W, 256]. The mixture's weights given the earlier channels are each
         component's share of their probability; a component's 256 masses come from the
         logistic's CDF at the 257 bin edges."""
-        if channel is None:
+        if not step:
             raise BadValue("a logistic mixture's channels are coded one at a time, in order")
+        channel = step[0]
         k = bins(value).unsqueeze(-4)  # [..., 1, C, H, W]
         x = k / (LEVELS - 1)
         loc = self.coupled_loc(x)  # channel c's means read only the channels before it
@@ -334,17 +351,27 @@ class DiscretizedLogisticMixture(DiscreteImage):
 class LogisticMixtureLikelihood(Likelihood):
     """`likelihood=dlogistic`: the discretized logistic mixture of PixelCNN++ / NVAE for 8-bit
     images [C, H, W], `components` per pixel. The decoder's means start at mid-grey and its log
-    scales at log(init_scale): a decoder's outputs start near zero."""
+    scales at log(init_scale): a decoder's outputs start near zero.
+
+    `context=k` (odd) makes each pixel's mixture read the pixels before it in a k x k causal
+    window as well as the decoder's `hidden` features at the pixel (a local PixelVAE, Gulrajani
+    et al., 2017): z says what is where, the window says what the next pixel's neighbours are,
+    which is what PNG's filters exploit. Pixels are then no longer independent given z."""
 
     discrete = True
 
     def __init__(self, components: int = 10, init_scale: float = 0.1,
-                 min_log_scale: float = -8.0):
+                 min_log_scale: float = -8.0, context: int = 0, hidden: int = 64):
         super().__init__()
         if components < 1:
             raise BadValue(f"likelihood.components={components} must be at least 1")
+        if context < 0 or (context and context % 2 == 0):
+            raise BadValue(f"likelihood.context={context}: 0 (pixels independent given z) or an "
+                           f"odd window width, e.g. 5")
         self.components, self.min_log_scale = int(components), float(min_log_scale)
         self.log_init_scale = math.log(init_scale)
+        self.context, self.hidden = int(context), int(hidden)
+        self.window: CausalWindow | None = None
 
     @staticmethod
     def features(channels: int) -> int:
@@ -355,9 +382,24 @@ class LogisticMixtureLikelihood(Likelihood):
         if len(data_shape) != 3:
             raise BadValue(f"likelihood=dlogistic models images [C, H, W], got data of shape "
                            f"{list(data_shape)}")
-        return (self.components * self.features(data_shape[0]), *data_shape[1:])
+        channels, height, width = data_shape
+        mixture = self.components * self.features(channels)
+        if not self.context:
+            return (mixture, height, width)
+        if self.window is None:
+            self.window = CausalWindow(channels, self.context, self.hidden, mixture)
+        elif self.window.conv.in_channels != channels:
+            raise BadValue(f"this likelihood's window reads {self.window.conv.in_channels} "
+                           f"channels, not {channels}: give each model a likelihood of its own")
+        return (self.hidden, height, width)
 
-    def forward(self, out, event_ndims):
+    def coded_per_step(self, data_shape):
+        if not self.context:
+            return math.prod(data_shape[1:])  # one channel of every pixel
+        return max(len(rows) for rows, _ in wavefronts(*data_shape[1:], self.context))
+
+    def mixture(self, out: torch.Tensor) -> "DiscretizedLogisticMixture":
+        """The mixture that raw outputs [..., K * F, H, W] parameterize."""
         k, (p, h, w) = self.components, out.shape[-3:]
         params = out.reshape(*out.shape[:-3], k, p // k, h, w)
         channels = (math.isqrt(1 + 8 * (p // k)) - 3) // 2  # from F = 1 + 2C + C(C-1)/2
@@ -366,3 +408,145 @@ class LogisticMixtureLikelihood(Likelihood):
         offsets[1 + channels:1 + 2 * channels] = self.log_init_scale
         return DiscretizedLogisticMixture(params + offsets[:, None, None], channels,
                                           self.min_log_scale)
+
+    def forward(self, out, event_ndims):
+        if self.window is None:
+            return self.mixture(out)
+        return LocalAutoregressiveMixture(out, self)
+
+
+class CausalWindow(nn.Module):
+    """The mixture parameters of each pixel from the decoder's features there and the image's
+    values in the k x k window before it (the rows above, and the pixels to its left): a
+    masked convolution (PixelCNN's mask A, van den Oord et al., 2016), then residual blocks
+    per pixel, whose identity path lets a mean copy a neighbour from the first step."""
+
+    def __init__(self, channels: int, size: int, hidden: int, out: int, blocks: int = 2):
+        super().__init__()
+        self.size = size
+        self.conv = nn.Conv2d(channels, hidden, size, padding=size // 2)
+        mask = torch.zeros(size, size)
+        mask[:size // 2] = 1
+        mask[size // 2, :size // 2] = 1
+        self.register_buffer("mask", mask, persistent=False)
+        self.blocks = nn.Sequential(*[Residual(hidden) for _ in range(blocks)],
+                                    nn.Linear(hidden, out))
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Features [..., hidden, H, W] to mixture parameters [..., out, H, W], pixel by pixel
+        (as matrix products over the pixels: 1 x 1 convolutions ran slower on the CPU)."""
+        return self.blocks(h.movedim(-3, -1)).movedim(-1, -3)
+
+    def read(self, x: torch.Tensor) -> torch.Tensor:
+        """The window's features of every pixel of images x [N, C, H, W] in [0, 1]."""
+        return F.conv2d(2 * x - 1, self.conv.weight * self.mask, self.conv.bias,
+                        padding=self.size // 2)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] as `read` sees them: on [-1, 1], padded with zeros."""
+        pad = self.size // 2
+        return F.pad(2 * x - 1, (pad, pad, pad, pad))
+
+    def read_at(self, padded: torch.Tensor, rows: torch.Tensor,
+                cols: torch.Tensor) -> torch.Tensor:
+        """`read` at the pixels (rows, cols) only, from `pad`ded images: [N, hidden, 1, P]."""
+        offsets = torch.arange(self.size, device=padded.device)
+        patches = padded[:, :, rows[:, None, None] + offsets[:, None],
+                         cols[:, None, None] + offsets]  # [N, C, P, k, k]
+        out = torch.einsum("ncpij,hcij->nhp", patches, self.conv.weight * self.mask)
+        return (out + self.conv.bias[:, None]).unsqueeze(-2)
+
+
+class Residual(nn.Module):
+    """h + W2 gelu(W1 gelu(h)), per pixel."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.GELU(), nn.Linear(width, width), nn.GELU(),
+                                  nn.Linear(width, width))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.body(h)
+
+
+def wavefronts(height: int, width: int, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The pixels of an image in groups that a k x k causal window lets be drawn at once:
+    pixel (i, j) reads at most k // 2 columns to its right in the rows above, so all pixels
+    with the same j + (k // 2 + 1) i are independent given the groups before them (253 groups
+    for 64 x 64 and k = 5, instead of 4,096 pixels one by one)."""
+    slope = size // 2 + 1
+    i, j = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    front = (j + slope * i).flatten()
+    order = torch.argsort(front, stable=True)
+    counts = torch.bincount(front).tolist()
+    groups = order.split([c for c in counts if c])
+    return [(g // width, g % width) for g in groups]
+
+
+class LocalAutoregressiveMixture(DiscreteImage):
+    """p(x|z) = prod over pixels of p(x_ij | z, the pixels before it in its window): a logistic
+    mixture per pixel whose parameters read the window. log_prob scores all pixels in one pass;
+    `mean` and `sample` draw the pixels group by group (`wavefronts`), each group's mixture
+    reading the values drawn before it. The mean image is therefore each pixel's expected
+    value given the expected values before it."""
+
+    joint_channels = True
+
+    def __init__(self, features: torch.Tensor, likelihood: LogisticMixtureLikelihood):
+        self.features, self.likelihood = features, likelihood
+        self.window = likelihood.window
+        channels = self.window.conv.in_channels
+        super().__init__(features.shape[:-3], (channels, *features.shape[-2:]))
+
+    def params(self, value: torch.Tensor) -> torch.Tensor:
+        """Every pixel's mixture parameters given the image `value` [..., C, H, W]."""
+        lead = value.shape[:-3]
+        seen = self.window.read(bins(value).reshape(-1, *value.shape[-3:]) / (LEVELS - 1))
+        h = self.features + seen.reshape(*lead, *seen.shape[1:])
+        return self.window.head(h)
+
+    def log_prob_per_value(self, value):
+        return self.likelihood.mixture(self.params(value)).log_prob_per_value(value)
+
+    def mixture_at(self, padded: torch.Tensor, rows, cols) -> "DiscretizedLogisticMixture":
+        """The mixtures of pixels (rows, cols) given images `padded` by the window (only the
+        pixels before them are read), as an image of 1 x P pixels."""
+        features = self.features.reshape(-1, *self.features.shape[-3:])[:, :, rows, cols]
+        h = features.unsqueeze(-2) + self.window.read_at(padded, rows, cols)
+        return self.likelihood.mixture(self.window.head(h))
+
+    def coding_steps(self):
+        fronts = wavefronts(*self.event_shape[1:], self.window.size)
+        return [(c, rows, cols) for rows, cols in fronts for c in range(self.event_shape[0])]
+
+    def table(self, value, step=()):
+        """P(channel c = k) of the pixels (rows, cols) of step (c, rows, cols), given the
+        values before them in `value` [N, C, H, W]: [N, 1, P, 256]."""
+        channel, rows, cols = step
+        rows, cols = rows.to(value.device), cols.to(value.device)
+        value = bins(value) / (LEVELS - 1)
+        mixture = self.mixture_at(self.window.pad(value), rows, cols)
+        return mixture.table(value[:, :, rows, cols].unsqueeze(-2), (channel,))
+
+    def draw(self, pick, sample_shape=()) -> torch.Tensor:
+        """Images drawn group by group, `pick` choosing each group's values from its mixture."""
+        shape = torch.Size(sample_shape) + self.batch_shape
+        features = self.features.expand(*shape, *self.features.shape[-3:])
+        flat = LocalAutoregressiveMixture(features.reshape(-1, *features.shape[-3:]),
+                                          self.likelihood)
+        image = features.new_zeros(shape.numel(), *self.event_shape)
+        padded, pad = self.window.pad(image), self.window.size // 2
+        with torch.no_grad():
+            for rows, cols in wavefronts(*self.event_shape[1:], self.window.size):
+                rows, cols = rows.to(image.device), cols.to(image.device)
+                drawn = pick(flat.mixture_at(padded, rows, cols))[:, :, 0]  # [N, C, P]
+                image[:, :, rows, cols] = drawn
+                padded[:, :, rows + pad, cols + pad] = 2 * drawn - 1
+        return image.reshape(*shape, *self.event_shape)
+
+    @property
+    def mean(self):
+        return self.draw(lambda mixture: mixture.mean)
+
+    def sample(self, sample_shape=()):
+        return self.draw(lambda mixture: mixture.sample(), sample_shape)

@@ -102,8 +102,8 @@ class BitsBack:
 
     def likelihoods(self, z: torch.Tensor, context) -> list[tuple[slice, Distribution]]:
         """p(x|z) over the chunk, in parts small enough for a table of every value each."""
-        values = math.prod(self.vae.data_shape)
-        per_part = max(1, TABLE_ENTRIES // (values * 256))
+        values = self.vae.likelihood.coded_per_step(self.vae.data_shape)
+        per_part = max(1, TABLE_ENTRIES // (values * self.levels))
         parts = []
         for start in range(0, len(z), per_part):
             rows = slice(start, start + per_part)
@@ -136,15 +136,9 @@ class BitsBack:
         mass = bin_masses(t.float(), torch.special.ndtr)  # float32: 24-bit tables follow
         return mass.numpy()
 
-    @staticmethod
-    def steps(likelihood: Distribution, shape) -> list[int | None]:
-        """The order values are coded in: channel by channel where channels depend on the ones
-        before them (a logistic mixture), else all at once."""
-        return list(range(shape[0])) if getattr(likelihood, "joint_channels", False) else [None]
-
-    def table(self, parts, symbols: torch.Tensor, step: int | None) -> np.ndarray:
+    def table(self, parts, symbols: torch.Tensor, step: tuple) -> np.ndarray:
         """The probability of every level of each value of the step [n_values, levels], given
-        `symbols` (only the channels before the step's are read)."""
+        `symbols` (only the values of the steps before it are read)."""
         tables = [likelihood.table(self.values(symbols[rows]), step).cpu()
                   for rows, likelihood in parts]
         table = torch.cat(tables)
@@ -169,10 +163,9 @@ class BitsBack:
             symbols[block.index] = block.start + torch.from_numpy(drawn).long()
         taken = before - coder.num_bits()
         parts = self.likelihoods(self.latents(symbols, len(x), context), context)
-        for step in reversed(self.steps(parts[0][1], x.shape[1:])):
-            part = x if step is None else x[:, step]
-            coder.encode_reverse(part.flatten().numpy().astype(np.int32), CATEGORICAL,
-                                 self.table(parts, x, step))
+        for step in reversed(parts[0][1].coding_steps()):
+            coder.encode_reverse(x[(slice(None), *step)].flatten().numpy().astype(np.int32),
+                                 CATEGORICAL, self.table(parts, x, step))
         coder.encode_reverse(symbols.numpy().astype(np.int32), self.uniform)
         if context is not None:
             coder.encode_reverse(context.cpu().numpy().astype(np.int32), self.classes)
@@ -187,10 +180,10 @@ class BitsBack:
         symbols = torch.from_numpy(coder.decode(self.uniform, n * dims)).long()
         parts = self.likelihoods(self.latents(symbols, n, context), context)
         x = torch.zeros(n, *shape, dtype=torch.long)
-        for step in self.steps(parts[0][1], shape):
+        for step in parts[0][1].coding_steps():
             drawn = torch.from_numpy(coder.decode(CATEGORICAL, self.table(parts, x, step)))
-            target = x if step is None else x[:, step]
-            target.copy_(drawn.long().reshape(target.shape))
+            index = (slice(None), *step)
+            x[index] = drawn.long().reshape(x[index].shape)
         loc, scale = self.posterior(self.values(x), context)
         for block in reversed(self.blocks(loc, scale)):  # give the bits back
             coder.encode_reverse((symbols[block.index] - block.start).numpy().astype(np.int32),
