@@ -216,7 +216,7 @@ def compose_tool(name: str, *overrides: str):
         return compose(name, overrides=list(overrides))
 
 
-@pytest.mark.parametrize("model", ["cvae", "cvae_conv", "vamp", "hvae", "lvae"])
+@pytest.mark.parametrize("model", ["cvae", "cvae_conv", "vamp", "hvae", "lvae", "lvae_conv"])
 def test_each_family_trains_evaluates_and_draws_every_picture(compose_train, tmp_path, model):
     extra = ["model.prior.components=8"] if model == "vamp" else []
     if model == "hvae":
@@ -224,6 +224,9 @@ def test_each_family_trains_evaluates_and_draws_every_picture(compose_train, tmp
     if model == "lvae":
         # layer stats and pictures due every 5 epochs: drawn after the last (the only) one
         extra = ["model.latent_dims=[8,6]", "model.hidden_dims=[32,16,8]",
+                 "pictures_every_n_epochs=5"]
+    if model == "lvae_conv":  # 28 px: maps of 7, 4 and 2
+        extra = ["model.latent_channels=[2,2]", "model.width=8", "model.bottom=7",
                  "pictures_every_n_epochs=5"]
     cfg = compose_train(CPU, "trainer.max_epochs=1", f"model={model}", "latent_dim=4",
                         "objective=iwae", "mc_samples=2", *extra)
@@ -236,7 +239,7 @@ def test_each_family_trains_evaluates_and_draws_every_picture(compose_train, tmp
         "pictures/reconstructions", "pictures/samples", "pictures/manifold",
         "pictures/latent_scatter", "pictures/interpolations", "pictures/traversals"}
     layers = {t for t in events.Tags()["scalars"] if t.startswith("layers/")}
-    depth = {"lvae": 3, "hvae": 2}.get(model, 0)  # only where there are several layers
+    depth = {"lvae": 3, "lvae_conv": 3, "hvae": 2}.get(model, 0)  # several layers only
     assert layers == {f"layers/{k}_z{i}" for k in ("kl", "active") for i in range(1, depth + 1)}
     save_run_config(cfg, tmp_path)
 

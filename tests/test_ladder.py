@@ -6,8 +6,8 @@ import torch
 from torch.distributions import MultivariateNormal
 
 from tests.test_families import nll_gap
-from vaelab.likelihoods import BernoulliLikelihood, GaussianLikelihood
-from vaelab.models import LadderVAE
+from vaelab.likelihoods import BernoulliLikelihood, GaussianLikelihood, LogisticMixtureLikelihood
+from vaelab.models import ConvLadderVAE, LadderVAE
 from vaelab.models.ladder import merge
 from vaelab.objectives import IWAE
 
@@ -107,3 +107,25 @@ def test_log_prob_and_kl_of_the_chain_are_its_layers():
 def test_hidden_widths_must_match_the_layers():
     with pytest.raises(ValueError, match="one width per stochastic layer"):
         LadderVAE((1, 6, 6), 2, BernoulliLikelihood(), latent_dims=[5, 3], hidden_dims=[16, 8])
+
+
+@pytest.mark.parametrize("shape, bottom, maps", [((1, 28, 28), 7, [7, 4, 2]),
+                                                ((3, 64, 64), 16, [16, 8, 4]),
+                                                ((3, 30, 30), 16, [15, 8, 4])])
+def test_the_conv_ladder_puts_each_layer_one_stage_higher(shape, bottom, maps):
+    """Layer i is a map one stride-2 stage above layer i - 1; the decoder retraces the stem's
+    sizes to the image's, and the chain's numbers are its layers' as in the MLP form."""
+    torch.manual_seed(0)
+    likelihood = BernoulliLikelihood() if shape[0] == 1 else LogisticMixtureLikelihood(2)
+    vae = ConvLadderVAE(shape, 3, likelihood, latent_channels=[4, 2], width=8,
+                        bottom=bottom).eval()
+    assert vae.layer_sizes == [c * m * m for c, m in zip([4, 2, 3], maps, strict=True)]
+    x = torch.randint(0, 256, (5, *shape)).float() / 255
+    q = vae.encode(x)
+    z = q.rsample((2,))
+    assert z.shape == (2, 5, sum(vae.layer_sizes))
+    assert vae.decode(z).log_prob(x).shape == (2, 5)
+    kls = vae.kl_layers(q, z)
+    assert all(k.shape == (2, 5) and (k >= 0).all() for k in kls)
+    torch.testing.assert_close(vae.kl(q, z), sum(kls))
+    assert vae.sample(3).shape == (3, *shape)

@@ -22,7 +22,7 @@ from vaelab.errors import BadValue
 
 LOADABLE: set[str] = {
     "vaelab.models.MLPVAE", "vaelab.models.ConvVAE", "vaelab.models.HierarchicalVAE",
-    "vaelab.models.LadderVAE", "vaelab.models.VQVAE",
+    "vaelab.models.LadderVAE", "vaelab.models.ConvLadderVAE", "vaelab.models.VQVAE",
     "vaelab.models.StandardNormal", "vaelab.models.VampPrior", "vaelab.models.PixelCNNPrior",
     "vaelab.likelihoods.BernoulliLikelihood", "vaelab.likelihoods.GaussianLikelihood",
     "vaelab.likelihoods.LogisticMixtureLikelihood",

@@ -46,12 +46,6 @@ class GaussianHead(nn.Module):
         return self.loc(h), self.log_var(h).clamp(*LOGVAR_RANGE).exp()
 
 
-def flat(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A net over the last dimension, for inputs with any leading dims (draws x batch): batch
-    norm wants [N, features]."""
-    return net(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
-
-
 def merge(estimate: tuple[torch.Tensor, torch.Tensor], prior: Normal) -> Normal:
     """The precision-weighted combination of a bottom-up estimate and the top-down prior."""
     loc, var = estimate
@@ -179,9 +173,10 @@ class LadderVAE(VAE):
         self.prior_net = StandardNormal(latent_dim)  # p(z_L)
 
     def _down(self, i: int, z_above: torch.Tensor) -> Normal:
-        """p(z_i | z_{i+1})."""
-        loc, var = self.down[i][1](flat(self.down[i][0], z_above))
-        return Normal(loc, var.sqrt(), validate_args=False)
+        """p(z_i | z_{i+1}), for draws with any leading dims (batch norm wants [N, features])."""
+        loc, var = self.down[i](z_above.reshape(-1, z_above.shape[-1]))
+        lead = z_above.shape[:-1]
+        return Normal(loc.reshape(*lead, -1), var.sqrt().reshape(*lead, -1), validate_args=False)
 
     def encode(self, x: torch.Tensor, context=None) -> Distribution:
         h, estimates = self.encoder(x), []
@@ -221,3 +216,99 @@ class LadderVAE(VAE):
         raise BadValue("model=lvae's posterior does not factorize over latent dimensions; this "
                        "objective needs one that does (model=mlp or model=conv)")
 
+
+
+class MapGaussianHead(nn.Module):
+    """Feature maps [N, width, h, w] -> (mean, variance) of `channels` latents per cell,
+    flattened [N, channels * h * w] as the ladder's layers are."""
+
+    def __init__(self, width: int, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(width, 2 * channels, 3, padding=1)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loc, log_var = self.conv(h).chunk(2, 1)
+        return loc.flatten(1), log_var.clamp(*LOGVAR_RANGE).exp().flatten(1)
+
+
+class ResidualCell(nn.Module):
+    """x + conv(act(bn(conv(act(bn(x)))))): NVAE's cell, without its squeeze-excitation."""
+
+    def __init__(self, width: int, act: type[nn.Module]):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(width), act(), nn.Conv2d(width, width, 3, padding=1),
+            nn.BatchNorm2d(width), act(), nn.Conv2d(width, width, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class ConvLadderVAE(LadderVAE):
+    """`model=lvae_conv`: the ladder on feature maps, for images (the idea of NVAE, Vahdat &
+    Kautz, 2020, small enough for a CPU). Stride-2 convs bring the image down to the bottom
+    layer's map (at most `bottom` cells a side); each layer above sits one stride-2 stage
+    higher (64 px, bottom 16: maps of 16, 8 and 4). Layer i has `latent_channels[i]` latents
+    per cell (the top one `latent_dim`); every stage has `width` channels and `cells` residual
+    cells, bottom-up and top-down alike. The rest of the ladder (the precision-weighted merge,
+    the KL per layer) is the MLP form's."""
+
+    def __init__(
+        self,
+        data_shape: Sequence[int],
+        latent_dim: int,
+        likelihood: Likelihood,
+        latent_channels: Sequence[int] = (8, 8),
+        width: int = 64,
+        bottom: int = 16,
+        cells: int = 1,
+        activation: str = "silu",
+    ):
+        if len(data_shape) != 3:
+            raise BadValue(f"model=lvae_conv needs images shaped [C, H, W], got "
+                           f"{list(data_shape)}")
+        act = activation_class(activation)
+        channels = [*latent_channels, latent_dim]
+        stem, c_in, shapes = [], data_shape[0], [tuple(data_shape[1:])]
+        while max(shapes[-1]) > bottom:  # stride-2 convs down to the bottom layer's map
+            stem += [nn.Conv2d(c_in, width, 3, stride=2, padding=1), act()]
+            c_in = width
+            shapes.append(tuple((s + 1) // 2 for s in shapes[-1]))
+        stem += [nn.Conv2d(c_in, width, 3, padding=1), act()]
+        below = len(shapes) - 1  # the stem's stages
+        for _ in channels[1:]:
+            shapes.append(tuple((s + 1) // 2 for s in shapes[-1]))
+        maps = shapes[below:]  # each layer's (h, w), bottom first
+
+        def cells_of() -> list[nn.Module]:
+            return [ResidualCell(width, act) for _ in range(cells)]
+
+        def rise(h: int, w: int, h_up: int, w_up: int) -> nn.Module:
+            """A stride-2 transposed conv from (h, w) to exactly (h_up, w_up)."""
+            return nn.ConvTranspose2d(width, width, 3, stride=2, padding=1,
+                                      output_padding=(h_up - 2 * h + 1, w_up - 2 * w + 1))
+
+        up, estimates = nn.ModuleList(), nn.ModuleList()
+        for i, c in enumerate(channels):
+            down = [] if i == 0 else [nn.Conv2d(width, width, 3, stride=2, padding=1)]
+            up.append(nn.Sequential(*down, *cells_of()))
+            estimates.append(MapGaussianHead(width, c))
+        # p(x | z_1): from the bottom layer's map back to the image, retracing the stem's sizes
+        layers = [nn.Unflatten(1, (channels[0], *maps[0])),
+                  nn.Conv2d(channels[0], width, 3, padding=1), *cells_of()]
+        for k in range(below, 0, -1):
+            layers += [rise(*shapes[k], *shapes[k - 1]), act()]
+        decoder = nn.Sequential(*layers, nn.Conv2d(width, likelihood.param_shape(data_shape)[0],
+                                                   3, padding=1))
+        sizes = [c * h * w for c, (h, w) in zip(channels, maps, strict=True)]
+        VAE.__init__(self, nn.Sequential(*stem), decoder, likelihood, sum(sizes), data_shape)
+        self.sizes, self.up, self.estimates = sizes, up, estimates
+        self.top_dim = latent_dim  # latents per cell of the top map
+        self.down = nn.ModuleList()
+        for i in range(len(channels) - 1):  # p(z_i | z_{i+1}): up one stage, then the cells
+            (h, w), (h_up, w_up) = maps[i + 1], maps[i]
+            self.down.append(nn.Sequential(
+                nn.Unflatten(1, (channels[i + 1], h, w)),
+                nn.Conv2d(channels[i + 1], width, 3, padding=1), act(), rise(h, w, h_up, w_up),
+                *cells_of(), MapGaussianHead(width, channels[i])))
+        self.prior_net = StandardNormal(sizes[-1])  # p(z_L)
