@@ -250,8 +250,9 @@ class ConvLadderVAE(LadderVAE):
     layer's map (at most `bottom` cells a side); each layer above sits one stride-2 stage
     higher (64 px, bottom 16: maps of 16, 8 and 4). Layer i has `latent_channels[i]` latents
     per cell (the top one `latent_dim`); every stage has `width` channels and `cells` residual
-    cells, bottom-up and top-down alike. The rest of the ladder (the precision-weighted merge,
-    the KL per layer) is the MLP form's."""
+    cells, bottom-up and top-down alike, except the decoder's stages above the bottom map,
+    which halve it (down to 16) as convolutions at full size cost the most. The rest of the
+    ladder (the precision-weighted merge, the KL per layer) is the MLP form's."""
 
     def __init__(
         self,
@@ -283,9 +284,10 @@ class ConvLadderVAE(LadderVAE):
         def cells_of() -> list[nn.Module]:
             return [ResidualCell(width, act) for _ in range(cells)]
 
-        def rise(h: int, w: int, h_up: int, w_up: int) -> nn.Module:
+        def rise(h: int, w: int, h_up: int, w_up: int, c_in: int = width,
+                 c_out: int = width) -> nn.Module:
             """A stride-2 transposed conv from (h, w) to exactly (h_up, w_up)."""
-            return nn.ConvTranspose2d(width, width, 3, stride=2, padding=1,
+            return nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1,
                                       output_padding=(h_up - 2 * h + 1, w_up - 2 * w + 1))
 
         up, estimates = nn.ModuleList(), nn.ModuleList()
@@ -296,9 +298,11 @@ class ConvLadderVAE(LadderVAE):
         # p(x | z_1): from the bottom layer's map back to the image, retracing the stem's sizes
         layers = [nn.Unflatten(1, (channels[0], *maps[0])),
                   nn.Conv2d(channels[0], width, 3, padding=1), *cells_of()]
+        c = width  # halved at each stage above the bottom map (the full-size ones cost most)
         for k in range(below, 0, -1):
-            layers += [rise(*shapes[k], *shapes[k - 1]), act()]
-        decoder = nn.Sequential(*layers, nn.Conv2d(width, likelihood.param_shape(data_shape)[0],
+            layers += [rise(*shapes[k], *shapes[k - 1], c, max(c // 2, 16)), act()]
+            c = max(c // 2, 16)
+        decoder = nn.Sequential(*layers, nn.Conv2d(c, likelihood.param_shape(data_shape)[0],
                                                    3, padding=1))
         sizes = [c * h * w for c, (h, w) in zip(channels, maps, strict=True)]
         VAE.__init__(self, nn.Sequential(*stem), decoder, likelihood, sum(sizes), data_shape)
