@@ -191,7 +191,8 @@ def test_fast_dev_run_on_colour_images(compose_train, folder, tmp_path, size):
 
 
 @pytest.mark.parametrize("likelihood", [["likelihood=dlogistic", "likelihood.components=3"],
-                                        ["likelihood=dlogistic_local", "likelihood.hidden=8"],
+                                        ["likelihood=dlogistic_local", "likelihood.hidden=8",
+                                         "likelihood.auxiliary=1"],
                                         ["likelihood=gaussian", "likelihood.scale=pixel",
                                          "likelihood.discretized=true"]])
 def test_discrete_likelihoods_train_on_a_latent_map_with_exact_bits_per_dim(

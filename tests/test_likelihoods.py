@@ -261,3 +261,28 @@ def test_the_local_mixture_draws_as_a_pixel_by_pixel_loop_would():
     samples = d.sample((4,))
     assert samples.shape == (4, 2, 3, 9, 7)
     torch.testing.assert_close(samples * 255, (samples * 255).round())
+
+
+def test_the_auxiliary_mixture_reads_z_alone_and_is_the_reconstruction():
+    """With `auxiliary`, the mean image is the z-only mixture's (one pass, no window), the loss
+    gains its weighted negative log-likelihood, and the bound is the window's alone."""
+    from vaelab.models import ConvVAE
+    from vaelab.objectives import ELBO
+
+    torch.manual_seed(0)
+    likelihood = LogisticMixtureLikelihood(components=2, context=3, hidden=8, auxiliary=0.5)
+    vae = ConvVAE((3, 8, 8), 2, likelihood, channels=[8], latent_map=4)
+    d = vae.decode(torch.randn(2, vae.latent_dim))
+    z_only = likelihood.mixture(likelihood.z_only(d.features.movedim(-3, -1)).movedim(-1, -3))
+    torch.testing.assert_close(d.mean, z_only.mean)
+    x = torch.randint(0, LEVELS, (2, 3, 8, 8)).float() / (LEVELS - 1)
+    terms = d.training_terms(x)
+    torch.testing.assert_close(terms["auxiliary"], -0.5 * z_only.log_prob(x).mean())
+    out = ELBO()(vae, x)
+    torch.testing.assert_close(out["loss"], out["recon"] + out["kl"] + out["auxiliary"])
+    torch.testing.assert_close(out["nelbo"], out["recon"] + out["kl"])
+    plain = LogisticMixtureLikelihood(components=2, context=3, hidden=8)
+    plain.param_shape((3, 8, 8))
+    assert plain.z_only is None
+    with pytest.raises(ValueError, match="set likelihood.context"):
+        LogisticMixtureLikelihood(auxiliary=1.0)

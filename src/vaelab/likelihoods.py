@@ -356,12 +356,17 @@ class LogisticMixtureLikelihood(Likelihood):
     `context=k` (odd) makes each pixel's mixture read the pixels before it in a k x k causal
     window as well as the decoder's `hidden` features at the pixel (a local PixelVAE, Gulrajani
     et al., 2017): z says what is where, the window says what the next pixel's neighbours are,
-    which is what PNG's filters exploit. Pixels are then no longer independent given z."""
+    which is what PNG's filters exploit. Pixels are then no longer independent given z.
+
+    With a window, the latents tend to carry little: the window, not z, decides the colours.
+    `auxiliary=w` trains a second mixture from the same features without the window (z alone)
+    beside it, weighted w in the loss and never in the bound; its mean is the reconstruction."""
 
     discrete = True
 
     def __init__(self, components: int = 10, init_scale: float = 0.1,
-                 min_log_scale: float = -8.0, context: int = 0, hidden: int = 64):
+                 min_log_scale: float = -8.0, context: int = 0, hidden: int = 64,
+                 auxiliary: float = 0.0):
         super().__init__()
         if components < 1:
             raise BadValue(f"likelihood.components={components} must be at least 1")
@@ -370,8 +375,12 @@ class LogisticMixtureLikelihood(Likelihood):
                            f"odd window width, e.g. 5")
         self.components, self.min_log_scale = int(components), float(min_log_scale)
         self.log_init_scale = math.log(init_scale)
-        self.context, self.hidden = int(context), int(hidden)
+        if auxiliary and not context:
+            raise BadValue(f"likelihood.auxiliary={auxiliary} trains a z-only mixture beside a "
+                           f"pixel window: set likelihood.context too (e.g. 5)")
+        self.context, self.hidden, self.auxiliary = int(context), int(hidden), float(auxiliary)
         self.window: CausalWindow | None = None
+        self.z_only: nn.Linear | None = None
 
     @staticmethod
     def features(channels: int) -> int:
@@ -388,6 +397,8 @@ class LogisticMixtureLikelihood(Likelihood):
             return (mixture, height, width)
         if self.window is None:
             self.window = CausalWindow(channels, self.context, self.hidden, mixture)
+            if self.auxiliary:
+                self.z_only = nn.Linear(self.hidden, mixture)
         elif self.window.conv.in_channels != channels:
             raise BadValue(f"this likelihood's window reads {self.window.conv.in_channels} "
                            f"channels, not {channels}: give each model a likelihood of its own")
@@ -508,6 +519,20 @@ class LocalAutoregressiveMixture(DiscreteImage):
     def log_prob_per_value(self, value):
         return self.likelihood.mixture(self.params(value)).log_prob_per_value(value)
 
+    def without_window(self) -> "DiscretizedLogisticMixture | None":
+        """The auxiliary mixture from z alone (`auxiliary`), or None."""
+        head = self.likelihood.z_only
+        if head is None:
+            return None
+        return self.likelihood.mixture(head(self.features.movedim(-3, -1)).movedim(-1, -3))
+
+    def training_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The auxiliary mixture's negative log-likelihood of x, weighted (the loss adds it)."""
+        z_only = self.without_window()
+        if z_only is None:
+            return {}
+        return {"auxiliary": -self.likelihood.auxiliary * z_only.log_prob(x).mean()}
+
     def mixture_at(self, padded: torch.Tensor, rows, cols) -> "DiscretizedLogisticMixture":
         """The mixtures of pixels (rows, cols) given images `padded` by the window (only the
         pixels before them are read), as an image of 1 x P pixels."""
@@ -546,7 +571,10 @@ class LocalAutoregressiveMixture(DiscreteImage):
 
     @property
     def mean(self):
-        return self.draw(lambda mixture: mixture.mean)
+        """The auxiliary mixture's mean where there is one (z's reconstruction), else each
+        pixel's expected value given the expected values before it."""
+        z_only = self.without_window()
+        return z_only.mean if z_only is not None else self.draw(lambda mixture: mixture.mean)
 
     def sample(self, sample_shape=()):
         return self.draw(lambda mixture: mixture.sample(), sample_shape)

@@ -5,7 +5,8 @@ in train, val and test: `recon` (E_q[-log p(x|z)]), `kl` (KL(q(z|x) || p(z)) as 
 it, never weighted by beta nor clamped by free bits), `elbo` (the beta=1 bound, <= log p(x)),
 `nelbo` (= -elbo, the number papers report as "negative ELBO"), `beta` (the weight in use at this
 step), for IWAE, `niwae` (the negative importance-weighted bound), and a family's own training
-terms (`vae.penalties`: the VQ-VAE's commitment loss), which the loss adds. Schedules are
+terms (`vae.penalties`: the VQ-VAE's commitment loss) and a likelihood's (a local mixture's
+z-only head), which the loss adds and the bound never sees. Schedules are
 functions of the optimizer step that Lightning checkpoints, so a resumed run continues them where
 it stopped.
 Everything about the latent space comes from the model (`encode`, `decode`, `kl`, `prior`).
@@ -27,6 +28,13 @@ def log_importance_weights(vae: VAE, q, z: torch.Tensor, log_px_z: torch.Tensor,
                            context: torch.Tensor | None = None) -> torch.Tensor:
     """log p(x|z_k) + log p(z_k) - log q(z_k|x) for draws z [K, B, D]: [K, B]."""
     return log_px_z + vae.prior(context).log_prob(z) - q.log_prob(z)
+
+
+def training_terms(p, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A likelihood's own training-only terms at the data x (a local mixture's z-only head),
+    none for most: they join the loss, never the bound."""
+    terms = getattr(p, "training_terms", None)
+    return terms(x) if terms is not None else {}
 
 
 class ELBO:
@@ -56,19 +64,20 @@ class ELBO:
 
     def terms(self, vae: VAE, x: torch.Tensor, context: torch.Tensor | None,
               inputs: torch.Tensor | None = None):
-        """q, K reparameterized draws z [K, B, D], their log-likelihoods [K, B], and KL [K, B].
-        `inputs`: what the encoder sees when it is not x (a denoising VAE's corrupted x); the
-        likelihood always scores x."""
+        """q, K reparameterized draws z [K, B, D], their log-likelihoods [K, B], KL [K, B], and
+        the training-only terms of the family and the likelihood. `inputs`: what the encoder sees
+        when it is not x (a denoising VAE's corrupted x); the likelihood always scores x."""
         q = vae.encode(x if inputs is None else inputs, context)
         z = q.rsample((self.mc_samples,))
-        log_px_z = vae.decode(z, context).log_prob(x)
-        return q, z, log_px_z, vae.kl(q, z, context)
+        p = vae.decode(z, context)
+        penalties = {**vae.penalties(q), **training_terms(p, x)}
+        return q, z, p.log_prob(x), vae.kl(q, z, context), penalties
 
     def estimates(self, vae: VAE, x: torch.Tensor, context: torch.Tensor | None = None,
                   inputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Everything that does not depend on the step, as one function of (vae, x, context):
         the part that `compile()` hands to torch.compile, so the schedule never recompiles."""
-        q, _, log_px_z, kl = self.terms(vae, x, context, inputs)
+        q, _, log_px_z, kl, penalties = self.terms(vae, x, context, inputs)
         kl_loss = kl.mean()
         if self.free_bits:
             per_dim = vae.kl_per_dim(q)
@@ -78,7 +87,7 @@ class ELBO:
                                f"set objective.free_bits=0")
             kl_loss = self.free_bits_kl(per_dim)
         return {"recon": -log_px_z.mean(), "kl": kl.mean(), "kl_loss": kl_loss,
-                **vae.penalties(q)}
+                **penalties}
 
     def compile(self, **options) -> None:
         """torch.compile the estimates (encoder, sampling, decoder, log-likelihood and KL fuse
@@ -105,10 +114,10 @@ class IWAE(ELBO):
 
     def estimates(self, vae: VAE, x: torch.Tensor, context: torch.Tensor | None = None,
                   inputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        q, z, log_px_z, kl = self.terms(vae, x, context, inputs)
+        q, z, log_px_z, kl, penalties = self.terms(vae, x, context, inputs)
         log_w = log_importance_weights(vae, q, z, log_px_z, context)
         iwae = (torch.logsumexp(log_w, 0) - math.log(self.mc_samples)).mean()
-        return {"recon": -log_px_z.mean(), "kl": kl.mean(), "niwae": -iwae, **vae.penalties(q)}
+        return {"recon": -log_px_z.mean(), "kl": kl.mean(), "niwae": -iwae, **penalties}
 
     def __call__(self, vae: VAE, x: torch.Tensor, context: torch.Tensor | None = None,
                  step: int = 0, inputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -131,10 +140,9 @@ class Regularized(ELBO):
 
     def __call__(self, vae: VAE, x: torch.Tensor, context: torch.Tensor | None = None,
                  step: int = 0, inputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        q, z, log_px_z, kl = self.terms(vae, x, context, inputs)
+        q, z, log_px_z, kl, penalties = self.terms(vae, x, context, inputs)
         recon, kl = -log_px_z.mean(), kl.mean()
         penalty, logged = self.penalty(vae, q, z, kl, step)
-        penalties = vae.penalties(q)
         elbo = -(recon + kl)
         return {"loss": recon + penalty + sum(penalties.values()), "recon": recon, "kl": kl,
                 "elbo": elbo, "nelbo": -elbo, **logged, **penalties}
