@@ -444,9 +444,8 @@ class CausalWindow(nn.Module):
                                     nn.Linear(hidden, out))
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Features [..., hidden, H, W] to mixture parameters [..., out, H, W], pixel by pixel
-        (as matrix products over the pixels: 1 x 1 convolutions ran slower on the CPU)."""
-        return self.blocks(h.movedim(-3, -1)).movedim(-1, -3)
+        """Features [..., hidden, H, W] to mixture parameters [..., out, H, W]."""
+        return per_pixel(self.blocks, h)
 
     def read(self, x: torch.Tensor) -> torch.Tensor:
         """The window's features of every pixel of images x [N, C, H, W] in [0, 1]."""
@@ -466,6 +465,12 @@ class CausalWindow(nn.Module):
                          cols[:, None, None] + offsets]  # [N, C, P, k, k]
         out = torch.einsum("ncpij,hcij->nhp", patches, self.conv.weight * self.mask)
         return (out + self.conv.bias[:, None]).unsqueeze(-2)
+
+
+def per_pixel(net: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """`net` over the channels [..., C, H, W] of each pixel (as matrix products over the
+    pixels: 1 x 1 convolutions ran slower on the CPU)."""
+    return net(h.movedim(-3, -1)).movedim(-1, -3)
 
 
 class Residual(nn.Module):
@@ -498,8 +503,8 @@ class LocalAutoregressiveMixture(DiscreteImage):
     """p(x|z) = prod over pixels of p(x_ij | z, the pixels before it in its window): a logistic
     mixture per pixel whose parameters read the window. log_prob scores all pixels in one pass;
     `mean` and `sample` draw the pixels group by group (`wavefronts`), each group's mixture
-    reading the values drawn before it. The mean image is therefore each pixel's expected
-    value given the expected values before it."""
+    reading the values drawn before it. The mean image is the auxiliary z-only mixture's
+    where there is one, else each pixel's expected value given the expected values before it."""
 
     joint_channels = True
 
@@ -524,7 +529,7 @@ class LocalAutoregressiveMixture(DiscreteImage):
         head = self.likelihood.z_only
         if head is None:
             return None
-        return self.likelihood.mixture(head(self.features.movedim(-3, -1)).movedim(-1, -3))
+        return self.likelihood.mixture(per_pixel(head, self.features))
 
     def training_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The auxiliary mixture's negative log-likelihood of x, weighted (the loss adds it)."""
