@@ -10,8 +10,9 @@ from vaelab.cli import config_dir
 from vaelab.training import build_module
 
 CONF = Path(config_dir())
-GROUPS = ["data", "model", "likelihood", "objective", "trainer", "logger", "callbacks", "debug",
-          "experiment"]
+GROUPS = ["data", "model", "likelihood", "objective", "trainer", "logger", "callbacks", "lr_budget",
+          "debug", "experiment"]
+BATCH, AUXILIARY = 2, 2.0  # data=image_folder's batch and likelihood.auxiliary
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
 
 
@@ -25,7 +26,7 @@ def test_option_composes_and_builds(compose_train, image_dir, group, option):
         cfg = compose_train(f"{group}={option}", f"data.path={image_dir}", tiny=False)
     else:
         cfg = compose_train(f"{group}={option}")
-    assert cfg.get(group) is not None or group in ("debug", "experiment")
+    assert cfg.get(group) is not None or group in ("debug", "experiment", "lr_budget")
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, datamodule)
     vae = module.vae  # latent_dim is a hierarchy's top layer, a latent grid's channels
@@ -84,18 +85,22 @@ def test_gpu_recipe_is_mnist_best_at_batch_1000_with_cuda_graphs(compose_train):
     assert gpu.data.binarize == cpu.data.binarize == "dynamic"
 
 
-def test_image_folders_default_to_the_conv_net_with_batch_norm(compose_train, image_dir):
+def test_image_folders_default_to_the_conv_net_with_the_pixel_window(compose_train, image_dir):
     """The Keras conv (dense 16, no norm) at batch 64 made grey blobs of 300 emoji in 30 epochs;
-    the grid of latents and the 8-bit mixture were chosen by validation bits/dim (the record
-    image_density_val)."""
+    the grid of latents, the 8-bit mixture with its pixel window, the z-only mixture, the batch
+    and the decaying rate were chosen by validation bits/dim and reconstruction error (the
+    records image_density_val, image_density_window_val and image_density_defaults_val)."""
     cfg = compose_train("data=image_folder", f"data.path={image_dir}", tiny=False)
     assert cfg.model._target_ == "vaelab.models.ConvVAE"
-    assert (cfg.model.batch_norm, cfg.model.latent_map, cfg.data.batch_size) == (True, 16, 8)
+    assert (cfg.model.batch_norm, cfg.model.latent_map, cfg.data.batch_size) == (True, 16, BATCH)
     assert cfg.likelihood._target_ == "vaelab.likelihoods.LogisticMixtureLikelihood"
-    assert cfg.likelihood.context == 0  # the window's reconstructions are poor (image_density)
-    local = compose_train("data=image_folder", f"data.path={image_dir}",
-                          "likelihood=dlogistic_local", tiny=False)
-    assert local.likelihood.context == 5 and local.likelihood.components == 5
+    assert (cfg.likelihood.context, cfg.likelihood.auxiliary) == (5, AUXILIARY)
+    assert cfg.callbacks.lr_budget._target_ == "vaelab.schedules.BudgetSchedule"
+    mixture = compose_train("data=image_folder", f"data.path={image_dir}", "likelihood=dlogistic",
+                            "lr_budget=none", tiny=False)
+    assert (mixture.likelihood.context, mixture.likelihood.auxiliary) == (0, 0)
+    assert mixture.callbacks.lr_budget is None
+    assert compose_train().callbacks.lr_budget is None  # MNIST keeps a constant rate
     chosen = compose_train("data=image_folder", f"data.path={image_dir}", "model=mlp", tiny=False)
     assert chosen.model._target_ == "vaelab.models.MLPVAE"
     products = compose_train("experiment=seed002_products", f"data.path={image_dir}", tiny=False)

@@ -73,7 +73,7 @@ class BudgetSchedule(L.Callback):
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if module.lr_schedulers():
             raise BadValue("two learning-rate schedules: callbacks.lr_budget and scheduler are "
-                           "both set; keep one (scheduler=null or callbacks.lr_budget=null)")
+                           "both set; keep one (scheduler=null, or lr_budget=none)")
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 group.setdefault("initial_lr", group["lr"])
