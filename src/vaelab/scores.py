@@ -108,6 +108,7 @@ def discretize(codes: np.ndarray, bins: int = 20) -> np.ndarray:
 def mutual_information(codes: np.ndarray, factors: np.ndarray) -> np.ndarray:
     """I(code_i; factor_j) in nats [D, F], codes discretized."""
     from sklearn.metrics import mutual_info_score
+
     binned = discretize(codes)
     return np.array([[mutual_info_score(factors[:, j], binned[:, i])
                       for j in range(factors.shape[1])] for i in range(codes.shape[1])])
