@@ -12,7 +12,7 @@ from vaelab.training import build_module
 CONF = Path(config_dir())
 GROUPS = ["data", "model", "likelihood", "objective", "trainer", "logger", "callbacks", "lr_budget",
           "debug", "experiment"]
-BATCH, AUXILIARY = 2, 2.0  # data=image_folder's batch and likelihood.auxiliary
+BATCH, AUXILIARY = 2, 3.0  # data=image_folder's batch and likelihood.auxiliary
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
 
 
@@ -87,18 +87,21 @@ def test_gpu_recipe_is_mnist_best_at_batch_1000_with_cuda_graphs(compose_train):
 
 def test_image_folders_default_to_the_conv_net_with_the_pixel_window(compose_train, image_dir):
     """The Keras conv (dense 16, no norm) at batch 64 made grey blobs of 300 emoji in 30 epochs;
-    the grid of latents, the 8-bit mixture with its pixel window, the z-only mixture, the batch
-    and the decaying rate were chosen by validation bits/dim and reconstruction error (the
-    records image_density_val, image_density_window_val and image_density_defaults_val)."""
+    the grid of latents, the 8-bit mixture with its pixel window, the neighbour predictions, the
+    z-only mixture, the batch and the decaying rate were chosen by validation bits/dim and
+    reconstruction error (the records image_density_val, image_density_window_val,
+    image_density_defaults_val and image_density_predictors_val)."""
     cfg = compose_train("data=image_folder", f"data.path={image_dir}", tiny=False)
     assert cfg.model._target_ == "vaelab.models.ConvVAE"
     assert (cfg.model.batch_norm, cfg.model.latent_map, cfg.data.batch_size) == (True, 16, BATCH)
     assert cfg.likelihood._target_ == "vaelab.likelihoods.LogisticMixtureLikelihood"
     assert (cfg.likelihood.context, cfg.likelihood.auxiliary) == (5, AUXILIARY)
+    assert cfg.likelihood.predictors
     assert cfg.callbacks.lr_budget._target_ == "vaelab.schedules.BudgetSchedule"
     mixture = compose_train("data=image_folder", f"data.path={image_dir}", "likelihood=dlogistic",
                             "lr_budget=none", tiny=False)
     assert (mixture.likelihood.context, mixture.likelihood.auxiliary) == (0, 0)
+    assert not mixture.likelihood.predictors
     assert mixture.callbacks.lr_budget is None
     assert compose_train().callbacks.lr_budget is None  # MNIST keeps a constant rate
     chosen = compose_train("data=image_folder", f"data.path={image_dir}", "model=mlp", tiny=False)

@@ -5,12 +5,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vaelab.likelihoods import (
     LEVELS,
     DiscretizedGaussian,
     GaussianLikelihood,
     LogisticMixtureLikelihood,
+    neighbour_predictions,
     wavefronts,
 )
 
@@ -189,24 +191,31 @@ def test_a_codec_s_tables_are_the_chain_rule_of_the_log_probability(channels):
     torch.testing.assert_close(table.sum(-1), torch.ones_like(x))
 
 
-def local_mixture(channels: int = 3, size: int = 5, shape=(9, 7), seed: int = 0):
+def local_mixture(channels: int = 3, size: int = 5, shape=(9, 7), seed: int = 0,
+                  predictors: bool = False):
     """A local autoregressive mixture over two random images' worth of decoder features."""
     torch.manual_seed(seed)
-    likelihood = LogisticMixtureLikelihood(components=3, context=size, hidden=16)
+    likelihood = LogisticMixtureLikelihood(components=3, context=size, hidden=16,
+                                           predictors=predictors)
     features = torch.randn(2, *likelihood.param_shape((channels, *shape)))
     likelihood = likelihood.double()
     return likelihood(features.double(), 3)
 
 
-@pytest.mark.parametrize("size", [3, 5])
-def test_a_pixel_s_window_reads_only_the_pixels_before_it(size):
+@pytest.mark.parametrize("size, predictors", [(3, False), (5, False), (3, True)])
+def test_a_pixel_s_window_reads_only_the_pixels_before_it(size, predictors):
     """Flipping one pixel moves no mixture at or before it in raster order, and moves the next
     one and the one below."""
-    d = local_mixture(size=size)
+    d = local_mixture(size=size, predictors=predictors)
     x = torch.randint(0, LEVELS, (2, 3, 9, 7)).double() / (LEVELS - 1)
     flipped = x.clone()
     flipped[:, :, 4, 3] = 1 - flipped[:, :, 4, 3]
-    moved = (d.params(x) - d.params(flipped)).abs().sum((0, 1)) > 0  # [H, W]
+
+    def params(m):
+        return torch.cat([m.logits.unsqueeze(-3), m.loc, m.log_scale], -3)
+
+    moved = (params(d.mixture_given(x)) - params(d.mixture_given(flipped))).abs().sum(
+        (0, 1, 2)) > 0  # [H, W]
     order = torch.arange(9 * 7).reshape(9, 7)
     assert not moved[order <= order[4, 3]].any()
     assert moved[4, 4] and moved[5, 3]
@@ -231,10 +240,11 @@ def test_wavefronts_draw_each_pixel_once_after_its_window(height, width, size):
     assert len(fronts) == width + (half + 1) * (height - 1)
 
 
-def test_the_local_mixture_s_step_tables_are_its_chain_rule():
+@pytest.mark.parametrize("predictors", [False, True])
+def test_the_local_mixture_s_step_tables_are_its_chain_rule(predictors):
     """Group by group, channel by channel: each table sums to one, and the entries of the
     actual values add up to the image's log-probability (the codec's order is the model's)."""
-    d = local_mixture()
+    d = local_mixture(predictors=predictors)
     x = torch.randint(0, LEVELS, (2, 3, 9, 7)).double() / (LEVELS - 1)
     k = (x * (LEVELS - 1)).round().long()
     chain = torch.zeros(2, dtype=torch.float64)
@@ -248,10 +258,11 @@ def test_the_local_mixture_s_step_tables_are_its_chain_rule():
     assert len(d.coding_steps()) == 3 * len(wavefronts(9, 7, 5))
 
 
-def test_the_local_mixture_draws_as_a_pixel_by_pixel_loop_would():
+@pytest.mark.parametrize("predictors", [False, True])
+def test_the_local_mixture_draws_as_a_pixel_by_pixel_loop_would(predictors):
     """The mean image group by group equals the mean drawn pixel by pixel in raster order;
     samples lie on the 8-bit grid."""
-    d = local_mixture()
+    d = local_mixture(predictors=predictors)
     canvas = torch.zeros(2, 3, 9, 7, dtype=torch.float64)
     for i in range(9):
         for j in range(7):
@@ -286,3 +297,40 @@ def test_the_auxiliary_mixture_reads_z_alone_and_is_the_reconstruction():
     assert plain.z_only is None
     with pytest.raises(ValueError, match="set likelihood.context"):
         LogisticMixtureLikelihood(auxiliary=1.0)
+
+
+def test_neighbour_predictions_are_png_s_and_loco_i_s():
+    """On a 3 x 3 image: the left, above, median, gradient, average, above-left, above-right and
+    mid-grey predictions of the centre pixel, on every pixel at once and at one pixel alone."""
+    image = torch.tensor([[10, 200, 40], [90, 0, 0], [0, 0, 0]]).double()[None, None] / 255
+    padded = F.pad(2 * image - 1, (2, 2, 2, 2))
+    every = neighbour_predictions(padded, 2, 9)[0, :, 0, 1, 1] * 255
+    left, up, up_left, up_right = 90, 200, 10, 40
+    gradient = min(255, left + up - up_left)  # 280, clipped
+    expected = [left, up, sorted([left, up, gradient])[1], gradient, (left + up) / 2, up_left,
+                up_right, 127.5, left]
+    torch.testing.assert_close(every, torch.tensor(expected).double())
+    one = neighbour_predictions(padded, 2, 9, torch.tensor([1]), torch.tensor([1]))
+    torch.testing.assert_close(one[0, :, 0, 0, 0] * 255, every)
+    assert neighbour_predictions(padded, 2, 9)[0, 0, 0, 0, 0] == 0.5  # outside: mid-grey
+
+
+def test_with_predictors_a_flat_image_is_nearly_free_before_any_training():
+    """Zero decoder outputs and a fresh window: the means are the neighbours themselves, so the
+    pixels after the first of a flat image are cheap, and channels couple on departures."""
+    torch.manual_seed(0)
+    flat = torch.full((1, 3, 16, 16), 77 / 255)
+    bits = {}
+    for predictors in (False, True):
+        likelihood = LogisticMixtureLikelihood(components=10, context=5, hidden=16,
+                                               init_scale=5e-4, predictors=predictors)
+        likelihood.param_shape((3, 16, 16))
+        with torch.no_grad():
+            likelihood.window.blocks[-1].weight.zero_()
+            likelihood.window.blocks[-1].bias.zero_()
+            likelihood.window.blocks[-1].bias.view(10, -1)[:, 7:] = 1.0  # couplings 0.76
+        d = likelihood(torch.zeros(1, 16, 16, 16), 3)
+        bits[predictors] = -d.log_prob_per_value(flat)[0, 1:, 1:].mean() / math.log(2) / 3
+    assert bits[True] < 0.2 < 3 < bits[False]
+    with pytest.raises(ValueError, match="set it to 3 or more"):
+        LogisticMixtureLikelihood(context=1, predictors=True)

@@ -264,14 +264,22 @@ class DiscretizedLogisticMixture(DiscreteImage):
     """A mixture of K discretized logistics per pixel, whose channels depend on each other
     within a component as in PixelCNN++ (Salimans et al., 2017) and NVAE: channel c's mean is
     mu_c + sum_{j<c} alpha_cj x_j. `params` [..., K, 1 + 2C + C(C-1)/2, H, W]: the mixture
-    logit, C means, C log scales and the coupling coefficients (tanh) of each component."""
+    logit, C means, C log scales and the coupling coefficients (tanh) of each component.
+
+    `base` [..., K, C, H, W], where given, is each component's prediction from the pixel's
+    neighbours (`neighbour_predictions`): the means are offsets from it, and channel c moves with
+    channel j's departure from its prediction, x_j - base_j, so that in a flat region nothing
+    has to cancel."""
 
     joint_channels = True
 
-    def __init__(self, params: torch.Tensor, channels: int, min_log_scale: float):
+    def __init__(self, params: torch.Tensor, channels: int, min_log_scale: float,
+                 base: torch.Tensor | None = None):
         self.channels = channels
         self.logits = params[..., 0, :, :]  # [..., K, H, W]
         self.loc = params[..., 1:1 + channels, :, :]  # [..., K, C, H, W]
+        self.base = self.loc.new_zeros(()).expand_as(self.loc) if base is None else base
+        self.loc = self.loc if base is None else self.loc + base
         self.log_scale = params[..., 1 + channels:1 + 2 * channels, :, :].clamp_min(min_log_scale)
         self.coeffs = torch.tanh(params[..., 1 + 2 * channels:, :, :])
         batch = params.shape[:-4]
@@ -281,8 +289,13 @@ class DiscretizedLogisticMixture(DiscreteImage):
         """Each component's means given the pixel's values x [..., 1, C, H, W]."""
         loc = list(self.loc.expand(torch.broadcast_shapes(self.loc.shape, x.shape)).unbind(-3))
         for i, (c, j) in enumerate(coupling_pairs(self.channels)):
-            loc[c] = loc[c] + self.coeffs[..., i, :, :] * x[..., j, :, :]
+            loc[c] = loc[c] + self.coeffs[..., i, :, :] * self.departure(x, j)
         return torch.stack(loc, -3)
+
+    def departure(self, x: torch.Tensor, channel: int) -> torch.Tensor:
+        """Channel `channel` of x [..., C, H, W] less its prediction (`base`), which the later
+        channels' means move with."""
+        return x[..., channel, :, :] - self.base[..., channel, :, :]
 
     def log_prob_per_value(self, value):
         k = bins(value).unsqueeze(-4)  # [..., 1, C, H, W], against K components
@@ -321,7 +334,7 @@ class DiscretizedLogisticMixture(DiscreteImage):
         expected values), weighted by the component's probability and clipped to [0, 1]."""
         expected = self.loc.clone()
         for i, (c, j) in enumerate(coupling_pairs(self.channels)):
-            expected[..., c, :, :] += self.coeffs[..., i, :, :] * expected[..., j, :, :]
+            expected[..., c, :, :] += self.coeffs[..., i, :, :] * self.departure(expected, j)
         weights = F.softmax(self.logits, -3).unsqueeze(-3)
         return (weights * expected.clamp(0, 1)).sum(-4).clamp(0, 1)
 
@@ -335,6 +348,7 @@ class DiscretizedLogisticMixture(DiscreteImage):
             pick = F.one_hot((self.logits + gumbel).argmax(-3), shape[-3]).movedim(-1, -3)
             pick = pick.unsqueeze(-3).to(self.loc.dtype)  # [..., K, 1, H, W]
             loc, log_scale = (pick * self.loc).sum(-4), (pick * self.log_scale).sum(-4)
+            base = (pick * self.base).sum(-4)
             coeffs = (pick * self.coeffs).sum(-4) if self.coeffs.shape[-3] else None
             u = torch.rand(loc.shape, device=loc.device).clamp(1e-5, 1 - 1e-5)
             noise = log_scale.exp() * (torch.log(u) - torch.log1p(-u))
@@ -343,7 +357,7 @@ class DiscretizedLogisticMixture(DiscreteImage):
                 mean = loc[..., c, :, :]
                 for i, (cc, j) in enumerate(coupling_pairs(self.channels)):
                     if cc == c:
-                        mean = mean + coeffs[..., i, :, :] * x[j]
+                        mean = mean + coeffs[..., i, :, :] * (x[j] - base[..., j, :, :])
                 x.append(bins(mean + noise[..., c, :, :]) / (LEVELS - 1))
             return torch.stack(x, -3)
 
@@ -358,6 +372,11 @@ class LogisticMixtureLikelihood(Likelihood):
     et al., 2017): z says what is where, the window says what the next pixel's neighbours are,
     which is what PNG's filters exploit. Pixels are then no longer independent given z.
 
+    `predictors=true` makes each component's means offsets from a fixed prediction from the
+    pixel's neighbours (the left, the one above, ..., LOCO-I's median: `neighbour_predictions`),
+    the ones PNG's filters and lossless JPEG choose between, rather than from mid-grey: a flat
+    region or a straight edge then costs almost nothing from the first step.
+
     With a window, the latents tend to carry little: the window, not z, decides the colours.
     `auxiliary=w` trains a second mixture from the same features without the window (z alone)
     beside it, weighted w in the loss and never in the bound; its mean is the reconstruction."""
@@ -366,7 +385,7 @@ class LogisticMixtureLikelihood(Likelihood):
 
     def __init__(self, components: int = 10, init_scale: float = 0.1,
                  min_log_scale: float = -8.0, context: int = 0, hidden: int = 64,
-                 auxiliary: float = 0.0):
+                 auxiliary: float = 0.0, predictors: bool = False):
         super().__init__()
         if components < 1:
             raise BadValue(f"likelihood.components={components} must be at least 1")
@@ -378,7 +397,12 @@ class LogisticMixtureLikelihood(Likelihood):
         if auxiliary and not context:
             raise BadValue(f"likelihood.auxiliary={auxiliary} trains a z-only mixture beside a "
                            f"pixel window: set likelihood.context too (e.g. 5)")
+        if predictors and context < 3:
+            raise BadValue(f"likelihood.predictors=true predicts a pixel from its neighbours, "
+                           f"which likelihood.context={context} does not read: set it to 3 or "
+                           f"more (e.g. 5)")
         self.context, self.hidden, self.auxiliary = int(context), int(hidden), float(auxiliary)
+        self.predictors = bool(predictors)
         self.window: CausalWindow | None = None
         self.z_only: nn.Linear | None = None
 
@@ -409,16 +433,18 @@ class LogisticMixtureLikelihood(Likelihood):
             return math.prod(data_shape[1:])  # one channel of every pixel
         return max(len(rows) for rows, _ in wavefronts(*data_shape[1:], self.context))
 
-    def mixture(self, out: torch.Tensor) -> "DiscretizedLogisticMixture":
-        """The mixture that raw outputs [..., K * F, H, W] parameterize."""
+    def mixture(self, out: torch.Tensor,
+                base: torch.Tensor | None = None) -> "DiscretizedLogisticMixture":
+        """The mixture that raw outputs [..., K * F, H, W] parameterize; its means are offsets
+        from `base` where given (`neighbour_predictions`), else from mid-grey."""
         k, (p, h, w) = self.components, out.shape[-3:]
         params = out.reshape(*out.shape[:-3], k, p // k, h, w)
         channels = (math.isqrt(1 + 8 * (p // k)) - 3) // 2  # from F = 1 + 2C + C(C-1)/2
         offsets = params.new_zeros(p // k)
-        offsets[1:1 + channels] = 0.5
+        offsets[1:1 + channels] = 0.5 if base is None else 0.0
         offsets[1 + channels:1 + 2 * channels] = self.log_init_scale
         return DiscretizedLogisticMixture(params + offsets[:, None, None], channels,
-                                          self.min_log_scale)
+                                          self.min_log_scale, base)
 
     def forward(self, out, event_ndims):
         if self.window is None:
@@ -447,10 +473,9 @@ class CausalWindow(nn.Module):
         """Features [..., hidden, H, W] to mixture parameters [..., out, H, W]."""
         return per_pixel(self.blocks, h)
 
-    def read(self, x: torch.Tensor) -> torch.Tensor:
-        """The window's features of every pixel of images x [N, C, H, W] in [0, 1]."""
-        return F.conv2d(2 * x - 1, self.conv.weight * self.mask, self.conv.bias,
-                        padding=self.size // 2)
+    def read(self, padded: torch.Tensor) -> torch.Tensor:
+        """The window's features of every pixel of `pad`ded images [N, C, H + k - 1, W + k - 1]."""
+        return F.conv2d(padded, self.conv.weight * self.mask, self.conv.bias)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] as `read` sees them: on [-1, 1], padded with zeros."""
@@ -485,6 +510,33 @@ class Residual(nn.Module):
         return h + self.body(h)
 
 
+def neighbour_predictions(padded: torch.Tensor, pad: int, components: int,
+                          rows: torch.Tensor | None = None,
+                          cols: torch.Tensor | None = None) -> torch.Tensor:
+    """Each component's prediction of a pixel from its neighbours before it, on [0, 1]: the left
+    (W), the one above (N), LOCO-I's median of W, N and the gradient (JPEG-LS), the gradient
+    W + N - NW, the average of W and N, above-left, above-right and mid-grey, in turn over the K
+    components (the first five: PNG's filters and JPEG-LS's predictor). `padded`: images
+    [N, C, H + 2 pad, W + 2 pad] on [-1, 1] as the window reads them (outside the image:
+    mid-grey); every pixel [N, K, C, H, W], or the pixels (rows, cols) only [N, K, C, 1, P]."""
+    if rows is None:
+        height, width = padded.shape[-2] - 2 * pad, padded.shape[-1] - 2 * pad
+
+        def at(di: int, dj: int) -> torch.Tensor:
+            return padded[..., pad + di:pad + di + height, pad + dj:pad + dj + width]
+    else:
+        def at(di: int, dj: int) -> torch.Tensor:
+            return padded[..., rows + pad + di, cols + pad + dj].unsqueeze(-2)
+    left, up, up_left, up_right = ((at(di, dj) + 1) / 2
+                                   for di, dj in ((0, -1), (-1, 0), (-1, -1), (-1, 1)))
+    gradient = (left + up - up_left).clamp(0, 1)
+    median = left + up + gradient - torch.maximum(torch.maximum(left, up), gradient) \
+        - torch.minimum(torch.minimum(left, up), gradient)
+    predictions = (left, up, median, gradient, (left + up) / 2, up_left, up_right,
+                   torch.full_like(left, 0.5))
+    return torch.stack([predictions[k % len(predictions)] for k in range(components)], -4)
+
+
 def wavefronts(height: int, width: int, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The pixels of an image in groups that a k x k causal window lets be drawn at once:
     pixel (i, j) reads at most k // 2 columns to its right in the rows above, so all pixels
@@ -514,15 +566,26 @@ class LocalAutoregressiveMixture(DiscreteImage):
         channels = self.window.conv.in_channels
         super().__init__(features.shape[:-3], (channels, *features.shape[-2:]))
 
-    def params(self, value: torch.Tensor) -> torch.Tensor:
-        """Every pixel's mixture parameters given the image `value` [..., C, H, W]."""
+    def mixture_given(self, value: torch.Tensor) -> "DiscretizedLogisticMixture":
+        """Every pixel's mixture given the image `value` [..., C, H, W]."""
         lead = value.shape[:-3]
-        seen = self.window.read(bins(value).reshape(-1, *value.shape[-3:]) / (LEVELS - 1))
+        padded = self.window.pad(bins(value).reshape(-1, *value.shape[-3:]) / (LEVELS - 1))
+        seen = self.window.read(padded)
         h = self.features + seen.reshape(*lead, *seen.shape[1:])
-        return self.window.head(h)
+        base = self.base(padded)
+        if base is not None:
+            base = base.reshape(*lead, *base.shape[1:])
+        return self.likelihood.mixture(self.window.head(h), base)
+
+    def base(self, padded: torch.Tensor, rows=None, cols=None) -> torch.Tensor | None:
+        """The components' neighbour predictions where the likelihood uses them."""
+        if not self.likelihood.predictors:
+            return None
+        return neighbour_predictions(padded, self.window.size // 2, self.likelihood.components,
+                                     rows, cols)
 
     def log_prob_per_value(self, value):
-        return self.likelihood.mixture(self.params(value)).log_prob_per_value(value)
+        return self.mixture_given(value).log_prob_per_value(value)
 
     def without_window(self) -> "DiscretizedLogisticMixture | None":
         """The auxiliary mixture from z alone (`auxiliary`), or None."""
@@ -543,7 +606,7 @@ class LocalAutoregressiveMixture(DiscreteImage):
         pixels before them are read), as an image of 1 x P pixels."""
         features = self.features.reshape(-1, *self.features.shape[-3:])[:, :, rows, cols]
         h = features.unsqueeze(-2) + self.window.read_at(padded, rows, cols)
-        return self.likelihood.mixture(self.window.head(h))
+        return self.likelihood.mixture(self.window.head(h), self.base(padded, rows, cols))
 
     def coding_steps(self):
         fronts = wavefronts(*self.event_shape[1:], self.window.size)
