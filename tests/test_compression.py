@@ -14,7 +14,7 @@ from PIL import Image
 
 from tests.conftest import compose_tool
 from tests.test_denoising import run_dir
-from vaelab.compression.bitsback import BitsBack
+from vaelab.compression.bitsback import BitsBack, Coded, seeded_words
 from vaelab.errors import BadValue
 from vaelab.likelihoods import BernoulliLikelihood, GaussianLikelihood, LogisticMixtureLikelihood
 from vaelab.models import MLPVAE, ConvVAE, HierarchicalVAE, VampPrior
@@ -61,6 +61,12 @@ def test_every_discrete_likelihood_gives_the_images_back(name):
     back, back_labels = codec.decode(coded, vae.data_shape, vae.conditional)
     assert back.dtype == torch.uint8 and torch.equal(back, images)
     assert labels is None or torch.equal(back_labels, labels)
+    # the seeded words that coding left untouched are drawn again, not stored; a stack that
+    # stores them all (format 1) decodes the same
+    assert 0 < coded.shared < coded.initial
+    whole = Coded(np.concatenate([seeded_words(coded.seed, coded.initial)[:coded.shared],
+                                  coded.words]), coded.sizes, coded.initial, coded.seed)
+    assert torch.equal(codec.decode(whole, vae.data_shape, vae.conditional)[0], images)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +95,7 @@ def test_the_rate_is_the_negative_elbo_in_bits(trained_bars):
     nelbo_bits = ((kl - recon).sum() / math.log(2)).item()
     assert kl.mean() > 3  # the latents are used: bits-back has something to give back
     coded = BitsBack(vae, precision=14).encode(images)
-    rate_bits = 32 * (len(coded.words) - coded.initial)
+    rate_bits = 32 * (len(coded.words) - coded.borrowed)
     assert rate_bits == pytest.approx(nelbo_bits, rel=0.015)
 
 

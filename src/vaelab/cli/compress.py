@@ -63,7 +63,7 @@ def compress(cfg: DictConfig) -> dict:
     partial.write_bytes(data)
     os.replace(partial, out)
     values = len(pictures) * pictures[0].numel()
-    initial_bits = 32 * coded.initial
+    initial_bits = 32 * coded.borrowed
     framing_bits = 8 * (len(data) - 4 * len(coded.words))
     stats = {"file": str(out), "input": str(cfg.input), "images": len(pictures),
              "values_per_image": pictures[0].numel(), "bytes": len(data),

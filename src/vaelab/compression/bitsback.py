@@ -222,13 +222,18 @@ class BitsBack:
             per_image = max(per_image, taken / size)
             sizes.append(size)
             start += size
-        return Coded(coder.get_compressed(), sizes, len(initial), seed)
+        words = coder.get_compressed()
+        same = np.flatnonzero(words[:len(initial)] != initial)  # the seeded words left untouched
+        shared = int(same[0]) if len(same) else min(len(initial), len(words))
+        return Coded(words[shared:], sizes, len(initial), seed, shared)
 
     @torch.no_grad()
     def decode(self, coded: "Coded", shape, labelled: bool):
         """Undo `encode`: the images as symbols [N, *shape] and their labels (or None). Raises
         `CodingMismatch` if the stack does not end at the seeded words it began with."""
-        coder = constriction.stream.stack.AnsCoder(coded.words.copy())
+        words = np.concatenate([seeded_words(coded.seed, coded.initial)[:coded.shared],
+                                coded.words])
+        coder = constriction.stream.stack.AnsCoder(words)
         images, labels = [], []
         for size in reversed(coded.sizes):
             x, y = self.pop(coder, size, tuple(shape), labelled)
@@ -267,13 +272,21 @@ class BitsBack:
 
 @dataclass
 class Coded:
-    """A coded set: the stack's words, the chunk sizes in coding order, and how many seeded
-    words the stack began with."""
+    """A coded set: the stack's words above its bottom `shared` words, the chunk sizes in coding
+    order, and how many seeded words the stack began with. The bottom words that coding left as
+    it found them are the seeded words themselves: the decoder draws them again rather than
+    read them from the file, so a file carries only the seeded words the first image took."""
 
     words: np.ndarray
     sizes: list[int]
     initial: int
     seed: int
+    shared: int = 0
+
+    @property
+    def borrowed(self) -> int:
+        """The seeded words a file carries: the ones the first chunk's latents were drawn from."""
+        return self.initial - self.shared
 
 
 class CodingMismatch(BadValue):

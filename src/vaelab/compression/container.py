@@ -3,10 +3,11 @@
     b"VAELABBB" | header length (uint32) | header (JSON) | the stack's words (uint32) | SHA-256
 
 All integers are little-endian. The header names the format version, the images' shape and
-count, how they were coded (latent precision, chunk sizes, seeded words), the model (a
-fingerprint of its weights and the run it came from), and where the images go back to (an IDX
-file's name or the folder's file names). The SHA-256 covers everything before it, so a truncated
-or altered file is refused before any decoding.
+count, how they were coded (latent precision, chunk sizes, the seeded words and how many of
+them the decoder draws again), the model (a fingerprint of its weights and the run it came
+from), and where the images go back to (an IDX file's name or the folder's file names). The
+SHA-256 covers everything before it, so a truncated or altered file is refused before any
+decoding.
 """
 
 import hashlib
@@ -22,7 +23,8 @@ from vaelab.compression.bitsback import Coded
 from vaelab.errors import BadValue, MissingFile
 
 MAGIC = b"VAELABBB"
-FORMAT = 1
+FORMAT = 2
+READABLE = (1, 2)  # format 1 stored every seeded word (shared_words 0)
 DIGEST = 32
 
 
@@ -49,7 +51,7 @@ def images_digest(images: torch.Tensor) -> str:
 def pack(header: dict[str, Any], coded: Coded) -> bytes:
     """The file's bytes."""
     header = {**header, "format": FORMAT, "sizes": coded.sizes, "initial_words": coded.initial,
-              "seed": coded.seed}
+              "shared_words": coded.shared, "seed": coded.seed}
     text = json.dumps(header, separators=(",", ":")).encode()
     body = MAGIC + struct.pack("<I", len(text)) + text + coded.words.astype("<u4").tobytes()
     return body + hashlib.sha256(body).digest()
@@ -71,10 +73,10 @@ def unpack(path: Path) -> tuple[dict[str, Any], Coded]:
     (length,) = struct.unpack_from("<I", body, len(MAGIC))
     start = len(MAGIC) + 4
     header = json.loads(body[start:start + length])
-    if header.get("format") != FORMAT:
+    if header.get("format") not in READABLE:
         raise DamagedFile(f"{path} is in format {header.get('format')}; this vaelab reads "
-                          f"format {FORMAT}")
+                          f"formats {', '.join(map(str, READABLE))}")
     words = np.frombuffer(body[start + length:], dtype="<u4").astype(np.uint32)
     coded = Coded(words, [int(s) for s in header["sizes"]], int(header["initial_words"]),
-                  int(header["seed"]))
+                  int(header["seed"]), int(header.get("shared_words", 0)))
     return header, coded
