@@ -175,3 +175,20 @@ def test_compress_and_decompress_through_the_commands(compose_train, tmp_path):
     for source in folder.rglob("*.png"):
         back = tmp_path / "folder" / source.relative_to(folder)
         assert np.array_equal(np.asarray(Image.open(back)), np.asarray(Image.open(source)))
+
+
+def test_a_header_that_coding_cannot_have_written_is_refused(tmp_path):
+    """A file whose checksum was made to match a header with impossible counts: one message."""
+    from vaelab.compression import container
+
+    words = np.arange(5, dtype=np.uint32)
+    good = Coded(words, [1, 2], 4, 0, 3)
+    (tmp_path / "good.vbb").write_bytes(container.pack({"count": 3}, good))
+    header, back = container.unpack(tmp_path / "good.vbb")
+    assert (back.sizes, back.initial, back.shared) == ([1, 2], 4, 3)
+    assert np.array_equal(back.words, words) and header["format"] == container.FORMAT
+    for bad in (Coded(words, [1, 2], 4, 0, 5), Coded(words, [1, 2], 4, 0, -1),
+                Coded(words, [0, 2], 4, 0, 3)):
+        (tmp_path / "bad.vbb").write_bytes(container.pack({"count": 3}, bad))
+        with pytest.raises(BadValue, match="cannot come from vaelab-compress"):
+            container.unpack(tmp_path / "bad.vbb")

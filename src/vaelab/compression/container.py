@@ -79,4 +79,7 @@ def unpack(path: Path) -> tuple[dict[str, Any], Coded]:
     words = np.frombuffer(body[start + length:], dtype="<u4").astype(np.uint32)
     coded = Coded(words, [int(s) for s in header["sizes"]], int(header["initial_words"]),
                   int(header["seed"]), int(header.get("shared_words", 0)))
+    if not 0 <= coded.shared <= coded.initial or min(coded.sizes, default=0) < 1:
+        raise DamagedFile(f"{path} is damaged: its header's chunk sizes or counts of seeded "
+                          f"words cannot come from vaelab-compress; nothing was decoded")
     return header, coded
