@@ -86,7 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", nargs=3, action="append", required=True,
                         metavar=("LABEL", "RUN_DIR", "INPUT"))
-    parser.add_argument("--precision", type=int, default=12)
+    parser.add_argument("--precision", type=int, default=8)
     parser.add_argument("--name", default="compression")
     parser.add_argument("--note", action="append", default=[],
                         help="how a case's run was trained (repeatable)")

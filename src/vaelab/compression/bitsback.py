@@ -72,11 +72,11 @@ class BitsBack:
     """The codec of one model. `precision`: bits per latent dimension's grid; `chunk`: images per
     pass of the nets, at most."""
 
-    def __init__(self, vae, precision: int = 12, chunk: int = 100):
+    def __init__(self, vae, precision: int = 8, chunk: int = 100):
         check_codable(vae)
         if not 4 <= precision <= 20:
             raise BadValue(f"precision={precision}: a latent grid of 2^4 to 2^20 bins per "
-                           f"dimension (12 is the default)")
+                           f"dimension (8 is the default)")
         self.vae, self.precision, self.chunk = vae, precision, max(1, int(chunk))
         self.bins = 2**precision
         levels = torch.arange(self.bins + 1, dtype=torch.float64) / self.bins
