@@ -530,8 +530,7 @@ def neighbour_predictions(padded: torch.Tensor, pad: int, components: int,
     left, up, up_left, up_right = ((at(di, dj) + 1) / 2
                                    for di, dj in ((0, -1), (-1, 0), (-1, -1), (-1, 1)))
     gradient = (left + up - up_left).clamp(0, 1)
-    median = left + up + gradient - torch.maximum(torch.maximum(left, up), gradient) \
-        - torch.minimum(torch.minimum(left, up), gradient)
+    median = torch.stack((left, up, gradient)).median(0).values
     predictions = (left, up, median, gradient, (left + up) / 2, up_left, up_right,
                    torch.full_like(left, 0.5))
     return torch.stack([predictions[k % len(predictions)] for k in range(components)], -4)

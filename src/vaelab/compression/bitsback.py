@@ -223,8 +223,8 @@ class BitsBack:
             sizes.append(size)
             start += size
         words = coder.get_compressed()
-        same = np.flatnonzero(words[:len(initial)] != initial)  # the seeded words left untouched
-        shared = int(same[0]) if len(same) else min(len(initial), len(words))
+        changed = np.flatnonzero(words[:len(initial)] != initial)  # seeded words coding took
+        shared = int(changed[0]) if len(changed) else min(len(initial), len(words))
         return Coded(words[shared:], sizes, len(initial), seed, shared)
 
     @torch.no_grad()
