@@ -299,7 +299,13 @@ def child(argv: list[str]) -> tuple[float, str]:
 
 def vaelab_clock(run: Path) -> dict[str, list[float]]:
     """`time/epoch_s` and `time/val_s` (validation and pictures) of every epoch, from the run's
-    TensorBoard events."""
+    TensorBoard events or, with `logger=csv`, its CSV log."""
+    if not (run / "tensorboard").is_dir():
+        import csv
+
+        with open(run / "csv" / "metrics.csv", newline="") as f:
+            rows = [row for row in csv.DictReader(f) if row.get("time/epoch_s")]
+        return {key: [float(row[f"time/{key}"]) for row in rows] for key in ("epoch_s", "val_s")}
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run / "tensorboard"))
@@ -308,72 +314,101 @@ def vaelab_clock(run: Path) -> dict[str, list[float]]:
             for key in ("epoch_s", "val_s")}
 
 
-def import_seconds(module: str) -> float:
-    """Wall time of `python -c "import <module>"`, the median of three fresh processes."""
-    return statistics.median(child([sys.executable, "-c", f"import {module}"])[0]
-                             for _ in range(3))
+def import_seconds(code: str) -> float:
+    """Wall time of `python -c <code>`, the median of three fresh processes."""
+    return statistics.median(child([sys.executable, "-c", code])[0] for _ in range(3))
 
 
-def whole_run(data_dir: str, epochs: int) -> None:
-    """vaelab's whole command against pythae's and a plain in-memory loop, one after the other,
-    and where vaelab's seconds go."""
+def whole_run(data_dir: str, epochs: int, rounds: int) -> None:
+    """vaelab's whole command (with its pictures, and with `logger=csv`, which takes none) against
+    pythae's and a plain in-memory loop, taking turns for `rounds` rounds (medians: the CPU's
+    speed drifts between minutes), and where vaelab's seconds go."""
     import record
 
     peer = [sys.executable, str(Path(__file__).resolve().parent / "peers.py")]
-    peers = {}
-    for name in ("pythae", "plain"):
-        seconds, out = child([*peer, name, "--data-dir", data_dir, "--epochs", str(epochs)])
-        peers[name] = (seconds, json.loads(out.strip().splitlines()[-1]))
-    with tempfile.TemporaryDirectory() as tmp:
-        command = ["train.py", "experiment=mnist_mlp_reference", f"trainer.max_epochs={epochs}"]
-        seconds, _ = child([sys.executable, *command, f"paths.data_dir={data_dir}",
-                            f"hydra.run.dir={tmp}/run"])
-        metrics = json.loads((Path(tmp) / "run" / "metrics.json").read_text())
-        clock = vaelab_clock(Path(tmp) / "run")
-    plain_times = peers["plain"][1]["epoch_s"]
-    plain_epoch = statistics.median(plain_times[1:] or plain_times)
-    pythae_s, pythae = peers["pythae"]
-    vaelab_epoch = statistics.median(clock["epoch_s"][1:] or clock["epoch_s"])
-    rows = [
-        [f"`python {' '.join(command)}`", round(seconds, 1), round(seconds / pythae_s, 2),
-         round(vaelab_epoch, 2), round(vaelab_epoch / plain_epoch, 2),
-         round(metrics["time/train_s"], 1), round(metrics["test/nelbo"], 2)],
-        ["pythae 0.1.2, its own trainer, the same nets", round(pythae_s, 1), 1.0,
-         round(pythae["train_s"] / epochs, 2), round(pythae["train_s"] / epochs / plain_epoch, 2),
-         round(pythae["train_s"], 1), round(pythae["test_nelbo"], 2)],
-        ["a plain in-memory PyTorch loop", round(peers["plain"][0], 1),
-         round(peers["plain"][0] / pythae_s, 2), round(plain_epoch, 2), 1.0,
-         round(sum(plain_times), 1), round(peers["plain"][1]["test_nelbo"], 2)],
-    ]
+    command = ["train.py", "experiment=mnist_mlp_reference", f"trainer.max_epochs={epochs}"]
+    variants = {"pictures": [], "csv": ["logger=csv"]}
+    wall: dict[str, list[float]] = {}
+    epoch: dict[str, list[float]] = {}
+    train: dict[str, list[float]] = {}
+    test: dict[str, float] = {}
+    parts: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for name in ("pythae", "plain"):
+            seconds, out = child([*peer, name, "--data-dir", data_dir, "--epochs", str(epochs)])
+            result = json.loads(out.strip().splitlines()[-1])
+            times = result.get("epoch_s") or [result["train_s"] / epochs]
+            wall.setdefault(name, []).append(seconds)
+            epoch.setdefault(name, []).append(statistics.median(times[1:] or times))
+            train.setdefault(name, []).append(result.get("train_s") or sum(times))
+            test[name] = result["test_nelbo"]
+        for name, extra in variants.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                seconds, _ = child([sys.executable, *command, *extra, f"paths.data_dir={data_dir}",
+                                    f"hydra.run.dir={tmp}/run"])
+                metrics = json.loads((Path(tmp) / "run" / "metrics.json").read_text())
+                clock = vaelab_clock(Path(tmp) / "run")
+            wall.setdefault(name, []).append(seconds)
+            epoch.setdefault(name, []).append(statistics.median(clock["epoch_s"][1:]
+                                                                or clock["epoch_s"]))
+            train.setdefault(name, []).append(metrics["time/train_s"])
+            test[name] = metrics["test/nelbo"]
+            if name != "pictures":
+                continue
+            steps = sum(e - v for e, v in zip(clock["epoch_s"], clock["val_s"], strict=True))
+            fit = metrics["time/train_s"]
+            for part, value in (("steps", steps), ("val", sum(clock["val_s"])),
+                                ("rest", fit - sum(clock["epoch_s"])), ("outside", seconds - fit)):
+                parts.setdefault(part, []).append(value)
+    median = {name: statistics.median(values) for name, values in wall.items()}
+    epochs_median = {name: statistics.median(values) for name, values in epoch.items()}
+    labels = {
+        "pictures": f"`python {' '.join(command)}`",
+        "csv": f"`python {' '.join(command)} logger=csv` (no pictures)",
+        "pythae": "pythae 0.1.2, its own trainer, the same nets",
+        "plain": "a plain in-memory PyTorch loop",
+    }
+    rows = [[labels[name], round(median[name], 1), round(median[name] / median["pythae"], 2),
+             round(epochs_median[name], 2),
+             round(epochs_median[name] / epochs_median["plain"], 2),
+             round(statistics.median(train[name]), 1), round(test[name], 2)]
+            for name in ("pictures", "csv", "pythae", "plain")]
     for row in rows:
         print(" | ".join(str(v) for v in row))
     record.write("whole_run", f"The pytorch/examples MLP, {epochs} epochs on MNIST, whole commands",
                  ["command", "whole command (s)", "/ pythae", "epoch (s)", "epoch / plain loop",
                   "training (s)", "test −ELBO"], rows,
-                 ["vaelab's epoch is its median `time/epoch_s` after the first: training, "
-                  "validation on 1,000 images and the pictures of every epoch. pythae's is its "
-                  "training time over the epochs (it validates on the same 1,000 images each "
-                  "epoch). The plain loop's is the median after the first, training only. Each "
-                  "peer imports only what it needs (benchmarks/peers.py)."],
+                 [f"Medians of {rounds} rounds; in each round the four commands ran one after "
+                  "the other. vaelab's epoch is its median `time/epoch_s` after the first: "
+                  "training, validation on 1,000 images and, with TensorBoard, the pictures of "
+                  "every epoch. pythae's is its training time over the epochs (it validates on "
+                  "the same 1,000 images each epoch). The plain loop's is the median after the "
+                  "first, training only. Each peer imports only what it needs "
+                  "(benchmarks/peers.py)."],
                  packages=("pythae",))
-    train_steps = sum(e - v for e, v in zip(clock["epoch_s"], clock["val_s"], strict=True))
-    fit = metrics["time/train_s"]
-    torch_s, lightning_s, vaelab_s = (import_seconds(m) for m in
-                                      ("torch", "lightning", "vaelab.training"))
-    parts = [
+    torch_s, lightning_s, vaelab_s, paused_s = (import_seconds(code) for code in (
+        "import torch", "import lightning", "import vaelab.training",
+        "from vaelab.cli import collector_paused\nwith collector_paused(): import vaelab.training"))
+    part = {name: statistics.median(values) for name, values in parts.items()}
+    rows = [
         ['`python -c "import torch"`', round(torch_s, 2)],
         ['`python -c "import lightning"` (with torchmetrics and torchvision, which it imports)',
          round(lightning_s, 2)],
         ['`python -c "import vaelab.training"` (all that a run imports)', round(vaelab_s, 2)],
-        ["fit: training steps, all epochs", round(train_steps, 2)],
-        ["fit: validation and pictures, all epochs", round(sum(clock["val_s"]), 2)],
+        ["the same with Python's collector paused while importing, and what was imported frozen "
+         "(`vaelab.cli.collector_paused`, as every vaelab command imports)", round(paused_s, 2)],
+        ["fit: training steps, all epochs", round(part["steps"], 2)],
+        ["fit: validation and pictures, all epochs", round(part["val"], 2)],
         ["fit: the rest (sanity check, checkpoints, model summary, projector)",
-         round(fit - sum(clock["epoch_s"]), 2)],
-        ["the whole command less fit (start-up, test, finish)", round(seconds - fit, 2)],
+         round(part["rest"], 2)],
+        ["the whole command less fit (start-up, test, finish)", round(part["outside"], 2)],
     ]
     record.write("whole_run_parts", "Where the seconds of vaelab's whole command go", ["part",
-                 "seconds"], parts, [f"`python {' '.join(command)}`: {seconds:.1f} s in all; "
-                                     f"the parts from the run's own clock (time/*)."])
+                 "seconds"], rows,
+                 [f"`python {' '.join(command)}`: {median['pictures']:.1f} s in all (median of "
+                  f"{rounds} rounds); the parts from the run's own clock (time/*), medians of the "
+                  "same rounds; the imports in fresh processes, medians of three, from the start "
+                  "of the process to its end."])
 
 
 def main():
@@ -395,11 +430,13 @@ def main():
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--whole-run", action="store_true",
                         help="whole commands: vaelab, pythae and a plain loop (record whole_run)")
+    parser.add_argument("--whole-rounds", type=int, default=3,
+                        help="--whole-run: rounds of the four commands, taking turns (medians)")
     parser.add_argument("--keep-denormals", action="store_true",
                         help="both loops keep denormal floats (train.py's flush_denormal=false)")
     args = parser.parse_args()
     if args.whole_run:
-        whole_run(args.data_dir, args.epochs)
+        whole_run(args.data_dir, args.epochs, args.whole_rounds)
         return
     # As train.py does (flush_denormal=true), before the first parallel op starts the threads
     # that inherit it; for both loops, so that they differ only in the loop.

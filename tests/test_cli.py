@@ -128,3 +128,25 @@ def test_the_command_line_answers_without_importing_torch(script, args, tmp_path
         assert result.returncode == 1 and args[0].split("=")[0] in result.stderr
     else:
         assert result.returncode == 0 and result.stdout.strip()
+
+
+def test_the_libraries_are_imported_once_collected_then_frozen_and_nothing_else_is():
+    """What the run imports is frozen (no collection walks it again); garbage made before it is
+    collected first, and a second job in the same process freezes nothing more."""
+    code = ("import gc, weakref\n"
+            "from vaelab.cli import collector_paused\n"
+            "class Node: pass\n"
+            "garbage = Node(); garbage.me = garbage; dead = weakref.ref(garbage); del garbage\n"
+            "with collector_paused():\n"
+            "    assert not gc.isenabled()\n"
+            "    import torch\n"
+            "frozen = gc.get_freeze_count()\n"
+            "later = Node(); later.me = later; alive = weakref.ref(later); del later\n"
+            "with collector_paused():\n"
+            "    assert gc.isenabled()\n"
+            "gc.collect()\n"
+            "print(frozen > 100_000, dead() is None, gc.get_freeze_count() == frozen,\n"
+            "      alive() is None, gc.isenabled())\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.stdout.split() == ["True"] * 5, result.stdout + result.stderr

@@ -117,18 +117,33 @@ def test_a_failing_logger_warns_and_the_others_still_get_the_picture(caplog):
     class Collector(loggers.TensorBoardLogger):
         def __init__(self):
             self.images = []
+            self.file_writer = self
 
         @property
         def experiment(self):
             return self
 
-        def add_image(self, tag, image, step):
-            self.images.append((tag, step))
+        def add_summary(self, summary, step):
+            self.images.append((summary.value[0].tag, step))
 
     collector = Collector()
     loggers.log_picture([Broken(), collector], "pictures/samples", torch.zeros(1, 2, 2), 7)
     assert collector.images == [("pictures/samples", 7)]
     assert "tracking server unreachable" in caplog.text
+
+
+def test_tensorboard_gets_the_pictures_pixels_as_a_png(tmp_path):
+    import io
+
+    from PIL import Image
+
+    colours = torch.rand(3, 5, 7)
+    summary = loggers.image_summary("pictures/x", loggers.as_array(colours))
+    image = summary.value[0].image
+    assert (image.height, image.width, image.colorspace) == (5, 7, 3)
+    png = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)))
+    assert (png == loggers.as_array(colours)).all()
+    assert np.abs(png - colours.mul(255).permute(1, 2, 0).numpy()).max() <= 0.5
 
 
 def test_a_tracker_that_is_not_installed_says_how_to_install_it(monkeypatch):

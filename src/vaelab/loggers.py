@@ -4,6 +4,7 @@ MLflow and W&B each get them in their own way; a logger that takes no images (CS
 A logger that fails warns: it must never cost a run."""
 
 import importlib.util
+import io
 import logging
 import os
 from collections.abc import Iterable
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
+from PIL import Image
 
 from vaelab.errors import MissingPackage
 
@@ -100,9 +102,21 @@ def as_array(picture) -> np.ndarray:
     if isinstance(picture, torch.Tensor):
         image = picture.detach().float().clamp(0, 1).mul(255).round().byte().cpu()
         image = image.expand(3, -1, -1) if image.shape[0] == 1 else image[:3]
-        return image.permute(1, 2, 0).numpy()
+        return image.permute(1, 2, 0).contiguous().numpy()
     picture.canvas.draw()
     return np.asarray(picture.canvas.buffer_rgba())[..., :3].copy()
+
+
+def image_summary(tag: str, array: np.ndarray):
+    """A TensorBoard image of `array` [H, W, 3], compressed at zlib's fastest level: at the level
+    of SummaryWriter's add_image (6), compressing a figure took longer than drawing it."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    png = io.BytesIO()
+    Image.fromarray(array).save(png, format="PNG", compress_level=1)
+    height, width, channels = array.shape
+    return Summary(value=[Summary.Value(tag=tag, image=Summary.Image(
+        height=height, width=width, colorspace=channels, encoded_image_string=png.getvalue()))])
 
 
 def log_picture(loggers: Iterable[Logger], tag: str, picture, step: int,
@@ -115,16 +129,12 @@ def log_picture(loggers: Iterable[Logger], tag: str, picture, step: int,
     try:
         for logger in loggers:
             try:
-                if isinstance(logger, TensorBoardLogger):
-                    if isinstance(picture, torch.Tensor):
-                        logger.experiment.add_image(tag, picture, step)
-                    else:
-                        logger.experiment.add_figure(tag, picture, step, close=False)
-                    continue
-                if not isinstance(logger, MLFlowLogger | WandbLogger):
+                if not isinstance(logger, IMAGE_LOGGERS):
                     continue
                 array = as_array(picture) if array is None else array
-                if isinstance(logger, MLFlowLogger):
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.file_writer.add_summary(image_summary(tag, array), step)
+                elif isinstance(logger, MLFlowLogger):
                     logger.experiment.log_image(logger.run_id, array, key=tag, step=step)
                 else:
                     logger.log_image(key=tag, images=[array], step=step)

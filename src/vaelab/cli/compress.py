@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from vaelab import schema
-from vaelab.cli import config_dir, reports_user_errors, write_atomically
+from vaelab.cli import collector_paused, config_dir, reports_user_errors, write_atomically
 from vaelab.errors import BadValue
 
 log = logging.getLogger(__name__)
@@ -31,11 +31,12 @@ def compress(cfg: DictConfig) -> dict:
     if not cfg.input:
         raise BadValue("give input=mnist:test (a split of MNIST or Fashion-MNIST: train, val, "
                        "test) or input=<a folder of images>")
-    import torch
+    with collector_paused():
+        import torch
 
-    from vaelab import runs
-    from vaelab.compression import container, images
-    from vaelab.compression.bitsback import BitsBack
+        from vaelab import runs
+        from vaelab.compression import container, images
+        from vaelab.compression.bitsback import BitsBack
 
     run, ckpt = runs.resolve(cfg.run_dir, cfg.ckpt_path)
     module, _ = runs.load_module(ckpt, cfg.device)

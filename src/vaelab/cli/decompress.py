@@ -11,7 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 from vaelab import schema
-from vaelab.cli import config_dir, reports_user_errors
+from vaelab.cli import collector_paused, config_dir, reports_user_errors
 from vaelab.errors import BadValue
 
 log = logging.getLogger(__name__)
@@ -21,11 +21,12 @@ def decompress(cfg: DictConfig) -> list[Path]:
     schema.validate(cfg, schema.Decompress)
     if not cfg.file:
         raise BadValue("give the file to decompress: vaelab-decompress <file> [out=<folder>]")
-    import torch
+    with collector_paused():
+        import torch
 
-    from vaelab import runs
-    from vaelab.compression import container, images
-    from vaelab.compression.bitsback import BitsBack, CodingMismatch
+        from vaelab import runs
+        from vaelab.compression import container, images
+        from vaelab.compression.bitsback import BitsBack, CodingMismatch
 
     path = Path(cfg.file).expanduser()
     header, coded = container.unpack(path)

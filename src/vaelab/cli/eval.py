@@ -17,7 +17,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from vaelab import schema
-from vaelab.cli import config_dir, reports_user_errors, write_atomically
+from vaelab.cli import collector_paused, config_dir, reports_user_errors, write_atomically
 from vaelab.errors import BadValue
 
 if TYPE_CHECKING:
@@ -74,9 +74,10 @@ def disentanglement(vae, run_cfg: DictConfig, cfg: DictConfig) -> dict[str, floa
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     schema.validate(cfg, schema.Eval)
-    import torch
+    with collector_paused():
+        import torch
 
-    from vaelab import evaluation, runs
+        from vaelab import evaluation, runs
 
     torch.manual_seed(cfg.seed)
     if cfg.fid:  # no weights, no FID: say so before the NLL's minutes, not after

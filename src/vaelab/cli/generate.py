@@ -12,7 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from vaelab import schema
-from vaelab.cli import config_dir, reports_user_errors
+from vaelab.cli import collector_paused, config_dir, reports_user_errors
 from vaelab.errors import BadValue
 
 if TYPE_CHECKING:
@@ -33,11 +33,12 @@ def read_image(path: str, shape) -> torch.Tensor:
 
 def generate(cfg: DictConfig) -> dict[str, Path]:
     schema.validate(cfg, schema.Generate)
-    import matplotlib.pyplot as plt
-    import torch
-    from torchvision.utils import save_image
+    with collector_paused():
+        import matplotlib.pyplot as plt
+        import torch
+        from torchvision.utils import save_image
 
-    from vaelab import pictures, runs
+        from vaelab import pictures, runs
 
     run, ckpt = runs.resolve(cfg.run_dir, cfg.ckpt_path)
     module, _ = runs.load_module(ckpt, cfg.device)

@@ -9,7 +9,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from vaelab import schema
-from vaelab.cli import config_dir, reports_user_errors
+from vaelab.cli import collector_paused, config_dir, reports_user_errors
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
@@ -17,7 +17,8 @@ from vaelab.cli import config_dir, reports_user_errors
 def main(cfg: DictConfig) -> float | None:
     if HydraConfig.get().mode == RunMode.RUN:  # a sweep's job reports its own bad value as a row
         schema.validate(cfg, schema.Train)
-    from vaelab import training
+    with collector_paused():
+        from vaelab import training
 
     return training.run(cfg)
 
