@@ -56,11 +56,13 @@ def versions(*extra: str) -> dict[str, str]:
 
 
 def commit() -> str:
-    """HEAD's hash, with `-dirty` when the work tree differs from it."""
+    """HEAD's hash, with `-dirty` when the work tree differs from it (records aside: a script
+    that writes two records is not dirty for the second)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
     head = git("rev-parse", "--short=12", "HEAD").strip() or "unknown"
-    return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no").strip()
+    return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                                       ":!benchmarks/results").strip()
                    else "")
 
 
