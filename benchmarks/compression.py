@@ -100,8 +100,10 @@ def main() -> None:
                                 *CODECS, "coding (images/s)", "decoding (images/s)",
                                 "decoded byte for byte"], rows,
                  [f"vaelab-compress precision={args.precision}, default chunk (100 images), on "
-                  f"{threads} CPU threads; the file's bits include its header, checksum and the "
-                  f"seeded words the first image takes back. PNG and WebP: one file per image; "
+                  f"{threads} CPU threads; the file's bits include its header, its checksum and "
+                  f"the start of the chain: the seeded words the first image's latents take, or, "
+                  f"where that is smaller (lead=auto), the first image as a lossless WebP file. "
+                  f"PNG and WebP: one file per image; "
                   f"gzip, bz2, LZMA: the whole set as one stream, a byte per value.",
                   *args.note], packages=("constriction",))
 

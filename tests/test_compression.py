@@ -86,7 +86,7 @@ def trained_bars():
 
 
 def test_the_rate_is_the_negative_elbo_in_bits(trained_bars):
-    vae, images = trained_bars, bars(400, seed=1)
+    vae, images = trained_bars, bars(1000, seed=1)
     x = images.float() / 255
     with torch.no_grad():
         q = vae.encode(x)
@@ -175,6 +175,45 @@ def test_compress_and_decompress_through_the_commands(compose_train, tmp_path):
     for source in folder.rglob("*.png"):
         back = tmp_path / "folder" / source.relative_to(folder)
         assert np.array_equal(np.asarray(Image.open(back)), np.asarray(Image.open(source)))
+    # and with the first image stored as WebP
+    stats = compress(compose_tool("compress", f"run_dir={trained['binary']}", f"input={folder}",
+                                  f"out={tmp_path / 'lead.vbb'}", "lead=true"))
+    assert stats["verified"] and len(stats["lead_webp_bits"]) >= 1
+    decompress(compose_tool("decompress", f"file={tmp_path / 'lead.vbb'}"))
+    for source in folder.rglob("*.png"):
+        back = tmp_path / "lead" / source.relative_to(folder)
+        assert np.array_equal(np.asarray(Image.open(back)), np.asarray(Image.open(source)))
+
+
+@pytest.mark.parametrize("name", ["dlogistic", "cvae"])
+def test_a_first_image_that_webp_codes_cheaper_is_stored_as_webp(name):
+    """A flat first image costs an untrained model far more than WebP: `lead=None` stores it as
+    WebP, and the file is smaller than with its latents drawn from borrowed words."""
+    vae = models()[name].eval()
+    generator = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (9, *vae.data_shape), generator=generator, dtype=torch.uint8)
+    images[0] = 255
+    if isinstance(vae.likelihood, BernoulliLikelihood):
+        images = bars(9)
+        images[0] = 255
+    labels = torch.randint(0, 3, (9,), generator=generator) if vae.conditional else None
+    codec = BitsBack(vae, precision=10, chunk=4)
+    auto, never = codec.encode(images, labels), codec.encode(images, labels, lead=False)
+    assert never.lead_bytes == [] and sum(never.sizes) == 9
+    if name == "cvae":  # 64 binary pixels: WebP's own framing costs more than it saves
+        assert auto.lead_bytes == []
+        auto = codec.encode(images, labels, lead=True)
+    else:
+        assert len(auto.words) < len(never.words)
+    lead = len(auto.lead_bytes)
+    assert lead >= 1 and sum(auto.sizes) == 9 - lead
+    back, back_labels = codec.decode(auto, vae.data_shape, vae.conditional)
+    assert torch.equal(back, images)
+    assert labels is None or torch.equal(back_labels, labels)
+    assert auto.lead_labels == (None if labels is None else labels[:lead].tolist())
+    one = codec.encode(images[:1], None if labels is None else labels[:1], lead=True)
+    assert one.sizes == [] and one.initial == 0
+    assert torch.equal(codec.decode(one, vae.data_shape, vae.conditional)[0], images[:1])
 
 
 def test_a_header_that_coding_cannot_have_written_is_refused(tmp_path):
@@ -187,8 +226,24 @@ def test_a_header_that_coding_cannot_have_written_is_refused(tmp_path):
     header, back = container.unpack(tmp_path / "good.vbb")
     assert (back.sizes, back.initial, back.shared) == ([1, 2], 4, 3)
     assert np.array_equal(back.words, words) and header["format"] == container.FORMAT
+    # format 2 wrote its header as plain JSON, with no first images as WebP
+    import hashlib
+    import json
+
+    text = json.dumps({"count": 3, "format": 2, "sizes": [1, 2], "initial_words": 4,
+                       "shared_words": 3, "seed": 0}).encode()
+    body = container.MAGIC + struct.pack("<I", len(text)) + text + words.astype("<u4").tobytes()
+    (tmp_path / "old.vbb").write_bytes(body + hashlib.sha256(body).digest())
+    header, back = container.unpack(tmp_path / "old.vbb")
+    assert header["format"] == 2 and (back.sizes, back.shared, back.lead_bytes) == ([1, 2], 3, [])
+    lead = Coded(words, [2], 4, 0, 3, lead_bytes=[9], lead_labels=[2])
+    (tmp_path / "lead.vbb").write_bytes(container.pack({"count": 3}, lead))
+    back = container.unpack(tmp_path / "lead.vbb")[1]
+    assert (back.lead_bytes, back.lead_labels) == ([9], [2])
     for bad in (Coded(words, [1, 2], 4, 0, 5), Coded(words, [1, 2], 4, 0, -1),
-                Coded(words, [0, 2], 4, 0, 3)):
+                Coded(words, [0, 2], 4, 0, 3), Coded(words, [], 4, 0, 3),
+                Coded(words, [2], 4, 0, 3, [21]), Coded(words, [2], 4, 0, 3, [0]),
+                Coded(words, [2], 4, 0, 3, [4], [1, 2])):
         (tmp_path / "bad.vbb").write_bytes(container.pack({"count": 3}, bad))
         with pytest.raises(BadValue, match="cannot come from vaelab-compress"):
             container.unpack(tmp_path / "bad.vbb")

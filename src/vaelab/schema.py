@@ -206,6 +206,7 @@ class Compress(Section):
     limit: Count | None
     verify: bool
     seed: Natural
+    lead: Literal["auto"] | bool
 
 
 class Decompress(Section):

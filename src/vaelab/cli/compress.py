@@ -48,7 +48,7 @@ def compress(cfg: DictConfig) -> dict:
         pictures = pictures[:cfg.limit]
         labels = None if labels is None else labels[:cfg.limit]
     started = time.perf_counter()
-    coded = codec.encode(pictures, labels, cfg.seed)
+    coded = codec.encode(pictures, labels, cfg.seed, None if cfg.lead == "auto" else cfg.lead)
     encode_s = time.perf_counter() - started
     header = {"shape": list(vae.data_shape), "count": len(pictures), "levels": codec.levels,
               "precision": cfg.precision, "chunk": codec.chunk, "labels": labels is not None,
@@ -72,6 +72,7 @@ def compress(cfg: DictConfig) -> dict:
              "bits_per_dim_coded": (32 * len(coded.words) - initial_bits) / values,
              "overhead_bits": {"initial_words": initial_bits, "header_and_checksum":
                                framing_bits},
+             "lead_webp_bits": [8 * size for size in coded.lead_bytes],
              "encode_images_per_s": len(pictures) / encode_s, "encode_s": encode_s,
              "precision": cfg.precision, "chunk": codec.chunk, "chunks": len(coded.sizes),
              "run_dir": str(run), "checkpoint": str(ckpt)}

@@ -10,14 +10,21 @@ Latents are coded on a grid: each dimension is cut into 2^precision bins of equa
 standing for the prior's quantile at its middle, so the prior of a bin is uniform. Images are coded
 a chunk at a time (one pass of the nets per chunk); the first chunks are small, because a chunk
 can only take back the bits the images before it left on the stack.
+
+The first image has no bits before it to take back: its latents are drawn from seeded words that
+the file must carry. Where that costs more, the first image is stored instead as a lossless WebP
+file (libwebp, through Pillow) whose bytes are the bits the next image's latents take back (as
+HiLLoC, Townsend et al. 2020, started its chain with a FLIF file).
 """
 
+import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import constriction
 import numpy as np
 import torch
+from PIL import Image
 from torch.distributions import Distribution, Normal
 
 from vaelab.errors import BadValue
@@ -32,6 +39,7 @@ TABLE_ENTRIES = 2**17  # probabilities per coder call: 2**22 ran at half the spe
 # Bits left on the stack below any draw: ANS draws from its 64-bit head, and a head that runs
 # low gives draws that are not q's (each then costs bits instead of giving them back).
 RESERVE_BITS = 128
+LEAD_MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # channels -> the Pillow mode WebP stores them in
 
 
 def check_codable(vae) -> None:
@@ -191,58 +199,121 @@ class BitsBack:
         return x, None if context is None else context.cpu()
 
     # -- a whole set ---------------------------------------------------------------------------
-    def initial_words(self, first: torch.Tensor, context, seed: int) -> np.ndarray:
-        """Seeded random words for the first image to take back: its posterior's entropy over
-        the bins, with a margin and the reserve (too few would cost bits, never lose data)."""
-        loc, scale = self.posterior(self.values(first), context)
+    def entropy_bits(self, x: torch.Tensor, context) -> float:
+        """The bits that drawing the latents of images x (as symbols) takes off the stack, in
+        expectation: their posterior's entropy over the bins."""
+        loc, scale = self.posterior(self.values(x), context)
         bits = 0.0
         for block in self.blocks(loc, scale):
             mass = self.masses(block, loc, scale)
             mass = mass / mass.sum(-1, keepdims=True)
             bits -= float((mass * np.log2(np.where(mass > 0, mass, 1))).sum())
+        return bits
+
+    def initial_words(self, first: torch.Tensor, context, seed: int) -> np.ndarray:
+        """Seeded random words for the first image to take back: its posterior's entropy over
+        the bins, with a margin and the reserve (too few would cost bits, never lose data)."""
+        bits = self.entropy_bits(first, context)
         return seeded_words(seed, math.ceil((1.25 * bits + RESERVE_BITS + 64) / 32))
+
+    def cost_bits(self, first: torch.Tensor, context, seed: int) -> float:
+        """What bits-back adds to a stack that has bits to give back, for images `first`."""
+        coder = constriction.stream.stack.AnsCoder(self.initial_words(first, context, seed))
+        before = coder.num_bits()
+        self.push(coder, first, context)
+        return coder.num_bits() - before
+
+    def lead(self, images: torch.Tensor, symbols: torch.Tensor, context, seed: int,
+             choice: bool | None) -> list[bytes]:
+        """The first images as lossless WebP files, while storing the next one so is cheaper
+        than coding it by bits-back with the words its latents would borrow beyond the WebP
+        bytes already on the stack (`choice` None); True: until those bytes cover the first
+        bits-back image's draw; False: none."""
+        if choice is False or len(self.vae.data_shape) != 3 \
+                or self.vae.data_shape[0] not in LEAD_MODES:
+            if choice:
+                raise BadValue(f"lead=true stores the first images as WebP, which holds 1, 3 or "
+                               f"4 channels; the model codes {list(self.vae.data_shape)}")
+            return []
+        files: list[bytes] = []
+        stored = 0.0  # WebP bits on the stack so far
+        for k in range(len(images)):
+            rows = slice(k, k + 1)
+            c = None if context is None else context[rows]
+            draw = self.entropy_bits(symbols[rows], c) + RESERVE_BITS  # what its latents take
+            if stored >= draw:
+                break
+            webp = lossless_webp(images[k])
+            bits = 8 * len(webp)
+            # stored: its WebP bits, and the next image borrows what is still missing; coded:
+            # its bits-back cost, and it borrows what is missing now
+            if not choice and bits + max(0.0, draw - stored - bits) >= \
+                    self.cost_bits(symbols[rows], c, seed) + draw - stored:
+                break
+            files.append(webp)
+            stored += bits
+        return files
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, labels: torch.Tensor | None = None,
-               seed: int = 0) -> "Coded":
+               seed: int = 0, lead: bool | None = None) -> "Coded":
         """Images as symbols [N, C, H, W] (and labels, for a conditional model) into one
-        stack. A chunk is as large as the bits already on the stack let it take back."""
+        stack. A chunk is as large as the bits above the seeded words let it take back (the
+        first one image, whatever it borrows). `lead`: the first images as lossless WebP (None:
+        where that is cheaper)."""
         labels = self.check(images, labels)
-        images = self.symbols(images)
+        symbols = self.symbols(images)
         context = None if labels is None else labels.to(self.device)
-        initial = self.initial_words(images[:1], None if context is None else context[:1],
-                                     seed)
-        coder = constriction.stream.stack.AnsCoder(initial.copy())
-        sizes, per_image, start = [], 0.0, 0
+        files = self.lead(images, symbols, context, seed, lead)
+        start = len(files)
+        seeded = np.zeros(0, dtype=np.uint32)
+        if start < len(images):
+            seeded = self.initial_words(symbols[start:start + 1], None if context is None
+                                        else context[start:start + 1], seed)
+        coder = constriction.stream.stack.AnsCoder(np.concatenate(
+            [seeded, as_words(b"".join(files))]) if files else seeded.copy())
+        sizes, per_image, free = [], 0.0, 32 * len(seeded)  # seeded words untouched are free
         while start < len(images):
-            room = (coder.num_bits() - RESERVE_BITS) / (1.25 * per_image) if per_image else 1
+            room = (coder.num_bits() - free - RESERVE_BITS) / (1.25 * per_image) \
+                if per_image else 1
             size = int(min(self.chunk, len(images) - start, max(1, room)))
             rows = slice(start, start + size)
-            taken = self.push(coder, images[rows], None if context is None else context[rows])
+            taken = self.push(coder, symbols[rows], None if context is None else context[rows])
             per_image = max(per_image, taken / size)
             sizes.append(size)
             start += size
         words = coder.get_compressed()
-        changed = np.flatnonzero(words[:len(initial)] != initial)  # seeded words coding took
-        shared = int(changed[0]) if len(changed) else min(len(initial), len(words))
-        return Coded(words[shared:], sizes, len(initial), seed, shared)
+        changed = np.flatnonzero(words[:len(seeded)] != seeded)  # seeded words coding took
+        shared = int(changed[0]) if len(changed) else min(len(seeded), len(words))
+        lead_labels = None if labels is None else labels[:len(files)].tolist()
+        return Coded(words[shared:], sizes, len(seeded), seed, shared,
+                     [len(f) for f in files], lead_labels)
 
     @torch.no_grad()
     def decode(self, coded: "Coded", shape, labelled: bool):
         """Undo `encode`: the images as symbols [N, *shape] and their labels (or None). Raises
-        `CodingMismatch` if the stack does not end at the seeded words it began with."""
-        words = np.concatenate([seeded_words(coded.seed, coded.initial)[:coded.shared],
-                                coded.words])
-        coder = constriction.stream.stack.AnsCoder(words)
+        `CodingMismatch` if the stack does not end at the words it began with."""
+        seeded = seeded_words(coded.seed, coded.initial)
+        coder = constriction.stream.stack.AnsCoder(np.concatenate([seeded[:coded.shared],
+                                                                   coded.words]))
         images, labels = [], []
         for size in reversed(coded.sizes):
             x, y = self.pop(coder, size, tuple(shape), labelled)
-            images.append(x)
+            images.append(x * (255 // (self.levels - 1)))
             labels.append(y)
         rest = coder.get_compressed()
-        if not np.array_equal(rest, seeded_words(coded.seed, coded.initial)):
+        lead = rest[coded.initial:]
+        total = sum(coded.lead_bytes)
+        if not np.array_equal(rest[:coded.initial], seeded) or \
+                len(lead) != (-(-total // 4) + 1 if total else 0):
             raise CodingMismatch("the decoded stack does not end where coding began")
-        images = torch.cat(images[::-1]) * (255 // (self.levels - 1))
+        data = lead[:-1].astype("<u4").tobytes()
+        ends = np.cumsum([0, *coded.lead_bytes]).tolist()
+        for i in reversed(range(len(coded.lead_bytes))):
+            images.append(from_webp(data[ends[i]:ends[i + 1]], tuple(shape))[None].long())
+            labels.append(None if coded.lead_labels is None
+                          else torch.tensor(coded.lead_labels[i:i + 1]))
+        images = torch.cat(images[::-1])
         return images.to(torch.uint8), torch.cat(labels[::-1]) if labelled else None
 
     def check(self, images: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
@@ -275,13 +346,17 @@ class Coded:
     """A coded set: the stack's words above its bottom `shared` words, the chunk sizes in coding
     order, and how many seeded words the stack began with. The bottom words that coding left as
     it found them are the seeded words themselves: the decoder draws them again rather than
-    read them from the file, so a file carries only the seeded words the first image took."""
+    read them from the file, so a file carries only the seeded words the first chunk took.
+    `lead_bytes`: the sizes of the first images' lossless WebP files, whose bytes lay on top of
+    the seeded words where coding began, and `lead_labels` theirs, for a conditional model."""
 
     words: np.ndarray
     sizes: list[int]
     initial: int
     seed: int
     shared: int = 0
+    lead_bytes: list[int] = field(default_factory=list)
+    lead_labels: list[int] | None = None
 
     @property
     def borrowed(self) -> int:
@@ -295,3 +370,34 @@ class CodingMismatch(BadValue):
 
 def seeded_words(seed: int, count: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 2**32, size=count, dtype=np.uint32)
+
+
+def lossless_webp(image: torch.Tensor) -> bytes:
+    """One 8-bit image [C, H, W] as a lossless WebP file, at libwebp's smallest setting."""
+    hwc = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+    picture = Image.fromarray(hwc[..., 0] if hwc.shape[-1] == 1 else hwc,
+                              LEAD_MODES[hwc.shape[-1]])
+    buffer = io.BytesIO()
+    picture.save(buffer, format="WEBP", lossless=True, quality=100, method=6, exact=True)
+    return buffer.getvalue()
+
+
+def from_webp(data: bytes, shape) -> torch.Tensor:
+    """Undo `lossless_webp`: the image [C, H, W], or `CodingMismatch`."""
+    try:
+        picture = Image.open(io.BytesIO(data))
+        picture = picture.convert(LEAD_MODES[shape[0]])
+    except (OSError, ValueError) as err:
+        raise CodingMismatch(f"the first image's WebP file cannot be read: {err}") from err
+    array = np.asarray(picture)
+    image = torch.from_numpy(array.reshape(*array.shape[:2], -1).copy()).permute(2, 0, 1)
+    if tuple(image.shape) != tuple(shape):
+        raise CodingMismatch(f"the first image is {list(image.shape)}, not {list(shape)}")
+    return image
+
+
+def as_words(data: bytes) -> np.ndarray:
+    """Bytes as little-endian words, zero-padded, under a top word of 1: ANS data never ends in
+    a zero word."""
+    padded = np.frombuffer(data + bytes(-len(data) % 4), dtype="<u4").astype(np.uint32)
+    return np.append(padded, np.uint32(1))
