@@ -75,7 +75,8 @@ def case(label: str, run: str, source: str, out: Path, precision: int) -> list:
     codecs = codec_bits(images, binary=bool(np.isin(images, (0, 255)).all()))
     print(f"{label}: file {stats['bits_per_dim']:.4f} bits/dim, -ELBO {nelbo:.4f}, "
           + ", ".join(f"{k} {v:.3f}" for k, v in codecs.items()))
-    return [label, stats["images"], round(stats["bits_per_dim"], 4), round(nelbo, 4),
+    return [label, stats["images"], len(stats["lead_webp_bits"]),
+            round(stats["bits_per_dim"], 4), round(nelbo, 4),
             round(stats["bits_per_dim"] / nelbo, 4),
             *(round(codecs[name], 3) for name in CODECS),
             round(stats["encode_images_per_s"]), round(stats["decode_images_per_s"]),
@@ -96,13 +97,15 @@ def main() -> None:
         rows = [case(label, run, source, Path(tmp), args.precision)
                 for label, run, source in args.case]
     record.write(args.name, "Lossless compression, bits per value (8-bit images; binary ones: "
-                 "per pixel)", ["data", "images", "vaelab file", "model -ELBO", "file / -ELBO",
+                 "per pixel)", ["data", "images", "of them WebP", "vaelab file", "model -ELBO",
+                                 "file / -ELBO",
                                 *CODECS, "coding (images/s)", "decoding (images/s)",
                                 "decoded byte for byte"], rows,
                  [f"vaelab-compress precision={args.precision}, default chunk (100 images), on "
                   f"{threads} CPU threads; the file's bits include its header, its checksum and "
                   f"the start of the chain: the seeded words the first image's latents take, or, "
-                  f"where that is smaller (lead=auto), the first image as a lossless WebP file. "
+                  f"where that is smaller (lead=auto), the first images as lossless WebP files "
+                  f"(the column 'of them WebP'), whose bytes the next images' latents take. "
                   f"PNG and WebP: one file per image; "
                   f"gzip, bz2, LZMA: the whole set as one stream, a byte per value.",
                   *args.note], packages=("constriction",))
