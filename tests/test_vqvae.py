@@ -250,6 +250,11 @@ def test_fid_and_kid_compare_samples_with_images():
     found = fid_kid(vae, batches, 30, feature=TinyFeatures())
     assert found["eval/fid_images"] == 30 and found["eval/fid"] > 0
     assert math.isfinite(found["eval/kid"])
+    # metrics built before (eval checks the weights first): the same numbers, from those objects
+    built = inception_metrics(2, TinyFeatures())
+    again = fid_kid(vae, batches, 30, metrics=built)
+    assert again["eval/fid"] == pytest.approx(found["eval/fid"])
+    assert built[0].real_features_num_samples == 30 and built[1].subset_size == 30
 
 
 def test_fid_without_weights_names_the_file_and_where_it_goes(monkeypatch, tmp_path):

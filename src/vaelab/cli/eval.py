@@ -80,10 +80,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         from vaelab import evaluation, runs
 
     torch.manual_seed(cfg.seed)
+    quality = None
     if cfg.fid:  # no weights, no FID: say so before the NLL's minutes, not after
         from vaelab.sample_quality import inception_metrics
 
-        inception_metrics(2)
+        quality = inception_metrics(2)
     run, ckpt = runs.resolve(cfg.run_dir, cfg.ckpt_path)
     module, step = runs.load_module(ckpt, cfg.device)
     run_cfg = runs.with_corruption(runs.run_config(run), cfg.corruption)
@@ -96,8 +97,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     scores = {}
     for name, data in sets.items():
         n = len(data) if cfg.limit is None else min(cfg.limit, len(data))
+        x, y, *_ = next(runs.batches(data, 1, 1))  # a point-mass posterior needs one draw
+        with torch.no_grad():
+            q = module.vae.encode(x.to(module.vae.device),
+                                  y.to(module.vae.device) if module.vae.conditional else None)
+        draws = evaluation.draws_needed(q, cfg.nll_samples)
         batches = progress(runs.batches(data, cfg.batch_size, cfg.limit),
-                           math.ceil(n / cfg.batch_size), f"{name}: NLL, K={cfg.nll_samples}")
+                           math.ceil(n / cfg.batch_size), f"{name}: NLL, K={draws}")
         scores[name] = evaluation.score(module.vae, batches, cfg.nll_samples, cfg.chunk)
     results = evaluation.summary(scores[cfg.split], module.vae, cfg.nll_samples)
     results["eval/checkpoint"] = str(ckpt)
@@ -110,7 +116,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         n = min(cfg.fid_samples, len(data), cfg.limit or len(data))
         batches = progress(runs.batches(data, cfg.batch_size, n),
                            math.ceil(n / cfg.batch_size), f"{cfg.split}: FID and KID")
-        results.update(fid_kid(module.vae, batches, n, cfg.seed))
+        results.update(fid_kid(module.vae, batches, n, cfg.seed, metrics=quality))
     if ood:
         for key in ("nll", "nelbo"):
             results[f"eval/auroc_{key}"] = evaluation.auroc(getattr(scores[cfg.split], key),
