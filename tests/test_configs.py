@@ -22,7 +22,7 @@ def test_every_group_has_options():
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_builds(compose_train, image_dir, group, option):
-    if option in ("image_folder", "seed002_products"):
+    if option in ("image_folder", "seed002_products", "vqvae_images"):
         cfg = compose_train(f"{group}={option}", f"data.path={image_dir}", tiny=False)
     else:
         cfg = compose_train(f"{group}={option}")

@@ -276,3 +276,16 @@ def test_traversals_sweep_one_dim_per_row_ordered_by_kl():
     assert labels[0] == f"z[1] KL {values[1]:.2f}" and labels[1].startswith("z[0] KL")
     frames = pictures.traversal_frames(images.view(2, 5, 1, 1, 6))
     assert len(frames) == 8  # 5 steps there, 3 back
+
+
+def test_pictures_come_every_n_epochs_and_after_the_last_one_a_run_names():
+    """max_epochs=-1 (a run bounded by its time) names no last epoch: not every epoch is one."""
+    from types import SimpleNamespace
+
+    from vaelab.callbacks.pictures import due
+
+    def epochs(max_epochs):
+        return [e for e in range(1, 8) if due(SimpleNamespace(
+            current_epoch=e - 1, max_epochs=max_epochs, sanity_checking=False), 3)]
+
+    assert epochs(7) == [3, 6, 7] and epochs(-1) == epochs(None) == [3, 6]

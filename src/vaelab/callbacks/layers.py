@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from vaelab import pictures
-from vaelab.callbacks.pictures import logged_step
+from vaelab.callbacks.pictures import due, logged_step
 from vaelab.evaluation import active_units
 
 log = logging.getLogger(__name__)
@@ -26,10 +26,7 @@ class LayerStats(L.Callback):
     @rank_zero_only
     def on_validation_epoch_end(self, trainer, module):
         vae = module.vae
-        epoch = trainer.current_epoch + 1
-        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
-        due = epoch % self.every_n_epochs == 0 or last  # as the pictures: and after the last
-        if trainer.sanity_checking or len(vae.layer_sizes) < 2 or not due:
+        if len(vae.layer_sizes) < 2 or not due(trainer, self.every_n_epochs):  # as the pictures
             return
         try:
             metrics = self.measure(vae, trainer.val_dataloaders)

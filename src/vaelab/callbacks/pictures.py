@@ -24,6 +24,14 @@ def tensorboard(trainer: L.Trainer):
     return None
 
 
+def due(trainer: L.Trainer, every_n_epochs: int) -> bool:
+    """After the validation of every `every_n_epochs`-th epoch and of the last one, the epoch
+    `trainer.max_epochs` names (-1, a run bounded by its time or steps, names none)."""
+    epoch = trainer.current_epoch + 1
+    last = trainer.max_epochs is not None and 0 <= trainer.max_epochs <= epoch
+    return not trainer.sanity_checking and (epoch % every_n_epochs == 0 or last)
+
+
 def logged_step(trainer: L.Trainer) -> int:
     """The step Lightning logs an epoch's validation metrics at (the epoch's last optimizer step),
     so that pictures line up with them and survive a resume from that epoch's checkpoint, whose
@@ -62,9 +70,7 @@ class Picture(L.Callback):
         return pictures.encode_stream(vae, trainer.val_dataloaders, self.n_images, thumbnails)
 
     def due(self, trainer: L.Trainer) -> bool:
-        epoch = trainer.current_epoch + 1
-        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
-        return not trainer.sanity_checking and (epoch % self.every_n_epochs == 0 or last)
+        return due(trainer, self.every_n_epochs)
 
     @rank_zero_only
     def on_validation_epoch_end(self, trainer, module):
