@@ -170,7 +170,8 @@ def main() -> None:
                                                 "test recon MSE / mean image's"], health,
                      ["512 codes; usage over the first 1,000 validation images (all 30 for "
                       "the icons) after each epoch (callbacks.codebook_stats). Same "
-                      "trainer.max_time as the VQ-VAE's stage one in the `vqvae` record."],
+                      "trainer.max_time as the VQ-VAE's stage one in the "
+                      f"`{'vqvae_icons' if args.skip_fashion else 'vqvae'}` record."],
                      packages=("vector-quantize-pytorch",))
 
 
