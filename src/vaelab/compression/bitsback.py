@@ -225,10 +225,10 @@ class BitsBack:
 
     def lead(self, images: torch.Tensor, symbols: torch.Tensor, context, seed: int,
              choice: bool | None) -> list[bytes]:
-        """The first images as lossless WebP files, while storing the next one so is cheaper
-        than coding it by bits-back with the words its latents would borrow beyond the WebP
-        bytes already on the stack (`choice` None); True: until those bytes cover the first
-        bits-back image's draw; False: none."""
+        """The first images as lossless WebP files. While their bytes do not yet cover what the
+        next image's latents take, that image joins them if its WebP bytes (and the words the
+        image after it would still borrow) cost less than coding it by bits-back (and the words
+        it would borrow itself): `choice` None. True: it joins them regardless; False: none."""
         if choice is False or len(self.vae.data_shape) != 3 \
                 or self.vae.data_shape[0] not in LEAD_MODES:
             if choice:
