@@ -47,8 +47,9 @@ def fid_kid(vae, batches, n: int, seed: int = 0, feature=2048,
     p(x|z) at z ~ p(z); a conditional model draws each sample for the label of the real image
     in its place, so the classes balance). `metrics`: the (FID, KID) pair of
     `inception_metrics`, where it was built already (the weights are loaded once)."""
-    fid, kid = metrics or inception_metrics(min(1000, n), feature)
-    kid.subset_size = min(1000, n)
+    subset = min(1000, n)
+    fid, kid = metrics or inception_metrics(subset, feature)
+    kid.subset_size = subset
     fid, kid = fid.to(vae.device), kid.to(vae.device)
     generator, seen = torch.Generator().manual_seed(seed), 0
     for x, y, *_ in batches:

@@ -291,7 +291,7 @@ class BitsBack:
 
     @torch.no_grad()
     def decode(self, coded: "Coded", shape, labelled: bool):
-        """Undo `encode`: the images as symbols [N, *shape] and their labels (or None). Raises
+        """Undo `encode`: the 8-bit images [N, *shape] and their labels (or None). Raises
         `CodingMismatch` if the stack does not end at the words it began with."""
         seeded = seeded_words(coded.seed, coded.initial)
         coder = constriction.stream.stack.AnsCoder(np.concatenate([seeded[:coded.shared],

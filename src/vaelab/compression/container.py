@@ -94,6 +94,7 @@ def unpack(path: Path) -> tuple[dict[str, Any], Coded]:
             or sum(coded.lead_bytes) > 4 * len(words) \
             or not coded.sizes and not coded.lead_bytes \
             or labels is not None and len(labels) != len(coded.lead_bytes):
-        raise DamagedFile(f"{path} is damaged: its header's chunk sizes or counts of seeded "
-                          f"words cannot come from vaelab-compress; nothing was decoded")
+        raise DamagedFile(f"{path} is damaged: its header's chunk sizes, counts of seeded "
+                          f"words or WebP sizes cannot come from vaelab-compress; nothing was "
+                          f"decoded")
     return header, coded
